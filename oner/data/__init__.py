@@ -1,0 +1,49 @@
+"""OneR data: the embedded emoji data set, user image-text data, augmentations, damage counting.
+
+Public API (imported lazily so that ``import oner.data`` stays cheap):
+
+- ``build_embedded_dataset(root=None, seed=0, progress=True, limit=None) -> Path``
+- ``load_image_text_dataset(source, *, image_column=None, text_column=None, split="train", streaming=None)``
+- ``shard_for_rank(ds, rank, world_size)``
+- ``ImageTextCollator(processor, image_transform=None, text_transform=None, stats=None)``
+- ``ImageAugment``, ``TextAugment``, ``flip_allowed``
+- ``DataStats``, ``DAMAGE_KINDS``
+- ``load_concepts``, ``pick_concepts``
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "build_embedded_dataset": "embedded",
+    "default_root": "embedded",
+    "read_manifest": "embedded",
+    "on_white": "embedded",
+    "SPLITS": "embedded",
+    "load_image_text_dataset": "pairs",
+    "shard_for_rank": "pairs",
+    "decode_image": "pairs",
+    "ImageTextDataset": "pairs",
+    "ImageTextIterableDataset": "pairs",
+    "ImageTextCollator": "pairs",
+    "DamagedSample": "pairs",
+    "ImageAugment": "augment",
+    "TextAugment": "augment",
+    "flip_allowed": "augment",
+    "DataStats": "stats",
+    "DAMAGE_KINDS": "stats",
+    "Concept": "concepts",
+    "load_concepts": "concepts",
+    "pick_concepts": "concepts",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Import the submodule that defines ``name`` on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'oner.data' has no attribute {name!r}")
+    module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+    return getattr(module, name)
