@@ -1,0 +1,152 @@
+"""OneR configuration.
+
+This file is shipped as transformers remote code next to `modeling_oner.py`: it imports only
+`transformers` (see `shared/reference/hf-remote-code.md`).
+"""
+
+from transformers import PretrainedConfig
+
+# Named sizes. `tiny` trains usefully in about ten minutes on two CPU cores; `base-patch16-224` is the
+# paper's scale (ViT-B/16 on 224 px images, BERT WordPiece text of at most 78 tokens).
+ONER_PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        image_size=64,
+        patch_size=8,
+        max_position_embeddings=32,
+        projection_dim=256,
+    ),
+    "base-patch16-224": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        image_size=224,
+        patch_size=16,
+        max_position_embeddings=78,
+        projection_dim=512,
+    ),
+}
+
+PROJECTION_HEADS = ("linear", "mlp")
+
+
+class OneRConfig(PretrainedConfig):
+    r"""Configuration of a [`OneRModel`]: one transformer and one projection head for every modality.
+
+    Args:
+        hidden_size (`int`): width of the shared transformer.
+        num_hidden_layers (`int`): number of shared transformer layers.
+        num_attention_heads (`int`): attention heads per layer; must divide `hidden_size`.
+        intermediate_size (`int`): width of each layer's MLP.
+        hidden_act (`str`): MLP activation (a key of `transformers.activations.ACT2FN`).
+        layer_norm_eps (`float`): epsilon of every LayerNorm.
+        attention_dropout (`float`): dropout on attention probabilities.
+        image_size (`int`): side of the square input image, in pixels.
+        patch_size (`int`): side of one image patch; must divide `image_size`.
+        num_channels (`int`): image channels (3 for RGB).
+        vocab_size (`int`): size of the WordPiece vocabulary.
+        max_position_embeddings (`int`): longest text, in tokens (the shared [CLS] is extra).
+        projection_dim (`int`): size of the shared embedding space.
+        projection_head (`str`): `"linear"` (CLIP-style, the default) or `"mlp"` (Linear-GELU-Linear,
+            MoCo v3-style). The paper says one shared head but not its shape [inferred].
+        use_modality_embeddings (`bool`): add a learned image/text type embedding to every token.
+            The paper's modality-agnostic aim suggests keeping such pieces minimal; unknown whether
+            OneR has one [inferred], so it is a switch (default on, which joint sequences need most).
+        logit_scale_init_value (`float`): initial log of the inverse temperature (ln(1/0.07) = 2.6592).
+        initializer_range (`float`): std of the truncated-normal weight initialisation.
+        pad_token_id (`int`): id of the padding token.
+        mask_token_id (`int`): id of the [MASK] token (masked-language modelling).
+    """
+
+    model_type = "oner"
+
+    def __init__(
+        self,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        intermediate_size: int = 3072,
+        hidden_act: str = "gelu",
+        layer_norm_eps: float = 1e-6,
+        attention_dropout: float = 0.0,
+        image_size: int = 224,
+        patch_size: int = 16,
+        num_channels: int = 3,
+        vocab_size: int = 30522,
+        max_position_embeddings: int = 78,
+        projection_dim: int = 512,
+        projection_head: str = "linear",
+        use_modality_embeddings: bool = True,
+        logit_scale_init_value: float = 2.6592,
+        initializer_range: float = 0.02,
+        pad_token_id: int = 0,
+        mask_token_id: int = 103,
+        **kwargs,
+    ):
+        if hidden_size % num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})"
+            )
+        if image_size % patch_size != 0:
+            raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
+        if projection_head not in PROJECTION_HEADS:
+            raise ValueError(f"projection_head must be one of {PROJECTION_HEADS}, got {projection_head!r}")
+        for name, value in [
+            ("hidden_size", hidden_size),
+            ("num_hidden_layers", num_hidden_layers),
+            ("num_attention_heads", num_attention_heads),
+            ("intermediate_size", intermediate_size),
+            ("image_size", image_size),
+            ("patch_size", patch_size),
+            ("num_channels", num_channels),
+            ("vocab_size", vocab_size),
+            ("max_position_embeddings", max_position_embeddings),
+            ("projection_dim", projection_dim),
+        ]:
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.attention_dropout = attention_dropout
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.vocab_size = vocab_size
+        self.max_position_embeddings = max_position_embeddings
+        self.projection_dim = projection_dim
+        self.projection_head = projection_head
+        self.use_modality_embeddings = use_modality_embeddings
+        self.logit_scale_init_value = logit_scale_init_value
+        self.initializer_range = initializer_range
+        self.mask_token_id = mask_token_id
+        # The zero-shot-image-classification pipeline loads AutoModelForZeroShotImageClassification;
+        # register_for_auto_class only writes AutoConfig/AutoModel, so the rest is declared here.
+        kwargs.setdefault(
+            "auto_map",
+            {
+                "AutoConfig": "configuration_oner.OneRConfig",
+                "AutoModel": "modeling_oner.OneRModel",
+                "AutoModelForZeroShotImageClassification": "modeling_oner.OneRModel",
+            },
+        )
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "OneRConfig":
+        """A config from a named preset (`ONER_PRESETS`), with any field overridden."""
+        if name not in ONER_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(ONER_PRESETS)}")
+        return cls(**{**ONER_PRESETS[name], **overrides})

@@ -1,0 +1,600 @@
+"""OneR: one transformer and one projection head for images, texts and image+text sequences.
+
+Jang et al., "Unifying Vision-Language Representation Space with Single-tower Transformer",
+AAAI 2023 (arXiv 2211.11153). Only the input embedders are modality-specific: a patch embedding
+and a token embedding, each with its own position embeddings. Everything after them (the
+transformer, the [CLS] pooling, the projection head, the logit scale) is shared, so an image, a
+caption and an image+caption sequence all land in one space.
+
+The model stays pure: it encodes, projects and (for CLIP compatibility) scores. The training
+objectives (XMC, CIC, CMC, ...) live in `oner/objectives.py`.
+
+This file is shipped as transformers remote code: it imports only torch, transformers and its
+sibling `configuration_oner` (see `shared/reference/hf-remote-code.md`).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration_oner import OneRConfig
+
+# Modality ids, shared with the processor's `modality_ids` (0 is the shared [CLS]).
+CLS_MODALITY, IMAGE_MODALITY, TEXT_MODALITY = 0, 1, 2
+
+
+@dataclass
+class OneROutput(ModelOutput):
+    """Output of [`OneRModel.forward`], with `CLIPModel`'s field names.
+
+    Args:
+        loss: symmetric InfoNCE between images and texts (naive ITC), when `return_loss=True`.
+        logits_per_image: `(n_images, n_texts)` scaled cosine similarities.
+        logits_per_text: `(n_texts, n_images)`, the transpose.
+        text_embeds: `(n_texts, projection_dim)` L2-normalised text embeddings.
+        image_embeds: `(n_images, projection_dim)` L2-normalised image embeddings.
+        text_model_output: the shared encoder's output on the text-only sequences.
+        vision_model_output: the shared encoder's output on the image-only sequences.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(
+            self[k] if k not in ("text_model_output", "vision_model_output") else getattr(self, k).to_tuple()
+            for k in self.keys()
+        )
+
+
+def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row against the diagonal (the matching pair)."""
+    return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention. `attention_mask` is boolean, broadcastable to `(batch, heads, q, k)`, True = attend."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def _attention_function(implementation: str | None) -> Callable:
+    if implementation in (None, "eager"):
+        return eager_attention_forward
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):  # transformers 5
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    return ALL_ATTENTION_FUNCTIONS[implementation]  # transformers 4.57
+
+
+class OneREmbeddings(nn.Module):
+    """The only modality-specific part of OneR: turns pixels and token ids into token vectors.
+
+    Images become `num_patches` patch tokens, texts become one token per id; both get their own
+    position embeddings and, if `config.use_modality_embeddings`, a learned modality embedding.
+    A single learned [CLS] vector, shared by every input kind, is prepended by [`OneRModel`].
+    """
+
+    def __init__(self, config: OneRConfig):
+        super().__init__()
+        self.config = config
+        self.patch_size = config.patch_size
+        self.grid_size = config.image_size // config.patch_size
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.image_position_embedding = nn.Parameter(torch.empty(1, config.num_patches, config.hidden_size))
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.text_position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.cls_embedding = nn.Parameter(torch.empty(1, 1, config.hidden_size))
+        self.modality_embedding = nn.Embedding(3, config.hidden_size) if config.use_modality_embeddings else None
+
+    def _image_positions(self, height: int, width: int) -> torch.Tensor:
+        """Position embeddings for a `height x width` patch grid, bicubically resized if it differs."""
+        if height == width == self.grid_size:
+            return self.image_position_embedding
+        grid = self.image_position_embedding.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(height, width), mode="bicubic", align_corners=False)
+        return grid.to(self.image_position_embedding.dtype).permute(0, 2, 3, 1).reshape(1, height * width, -1)
+
+    def embed_image(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """`(batch, channels, height, width)` pixels -> `(batch, num_patches, hidden_size)` patch tokens."""
+        _, _, height, width = pixel_values.shape
+        if not interpolate_pos_encoding and (height != self.config.image_size or width != self.config.image_size):
+            raise ValueError(
+                f"pixel_values are {height}x{width} but the model expects {self.config.image_size}x"
+                f"{self.config.image_size}; resize them (OneRProcessor does) or pass interpolate_pos_encoding=True"
+            )
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"pixel_values {height}x{width} are not divisible by patch_size {self.patch_size}")
+        weight_dtype = self.patch_embedding.weight.dtype
+        patches = self.patch_embedding(pixel_values.to(weight_dtype)).flatten(2).transpose(1, 2)
+        embeddings = patches + self._image_positions(height // self.patch_size, width // self.patch_size)
+        if self.modality_embedding is not None:
+            embeddings = embeddings + self.modality_embedding.weight[IMAGE_MODALITY]
+        return embeddings
+
+    def embed_text(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`(batch, length)` token ids -> `(batch, length, hidden_size)` text tokens."""
+        if position_ids is None:
+            # Computed on the fly: a non-persistent buffer would come back uninitialised from
+            # transformers 5's meta-device loading.
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        embeddings = self.token_embedding(input_ids) + self.text_position_embedding(position_ids)
+        if self.modality_embedding is not None:
+            embeddings = embeddings + self.modality_embedding.weight[TEXT_MODALITY]
+        return embeddings
+
+    def cls(self, batch_size: int) -> torch.Tensor:
+        """The shared [CLS] token, `(batch, 1, hidden_size)`."""
+        cls = self.cls_embedding
+        if self.modality_embedding is not None:
+            cls = cls + self.modality_embedding.weight[CLS_MODALITY]
+        return cls.expand(batch_size, -1, -1)
+
+
+class OneRAttention(nn.Module):
+    """Multi-head self-attention over a sequence of any mix of modalities."""
+
+    def __init__(self, config: OneRConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        # transformers' SDPA wrapper reads this and would otherwise make the attention causal.
+        self.is_causal = False
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(batch, seq, hidden)` -> `(batch, seq, hidden)` and the attention weights (eager only)."""
+        batch, seq, _ = hidden_states.shape
+        # One fused projection: a single matmul is faster than three on small CPU batches.
+        qkv = self.qkv(hidden_states).view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.unbind(0)
+        attention = _attention_function(self.config._attn_implementation)
+        attn_output, attn_weights = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            is_causal=False,
+            scaling=self.scaling,
+            dropout=self.dropout if self.training else 0.0,
+        )
+        return self.out_proj(attn_output.reshape(batch, seq, -1)), attn_weights
+
+
+class OneRMLP(nn.Module):
+    def __init__(self, config: OneRConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class OneREncoderLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block, shared by all modalities."""
+
+    def __init__(self, config: OneRConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = OneRAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = OneRMLP(config)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_output, attn_weights = self.self_attn(self.layer_norm1(hidden_states), attention_mask)
+        hidden_states = hidden_states + attn_output
+        hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states))
+        return hidden_states, attn_weights
+
+
+class OneREncoder(nn.Module):
+    """The ONE transformer: a stack of [`OneREncoderLayer`] used for every input kind."""
+
+    def __init__(self, config: OneRConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([OneREncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutput:
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, attn_weights = layer(hidden_states, attention_mask)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        return BaseModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
+        )
+
+
+class OneRProjectionHead(nn.Module):
+    """The ONE projection head into the shared space, applied to [CLS], patch and word tokens alike."""
+
+    def __init__(self, config: OneRConfig):
+        super().__init__()
+        if config.projection_head == "mlp":
+            self.proj = nn.Sequential(
+                nn.Linear(config.hidden_size, config.hidden_size),
+                nn.GELU(),
+                nn.Linear(config.hidden_size, config.projection_dim, bias=False),
+            )
+        else:
+            self.proj = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden_states)
+
+
+class OneRPreTrainedModel(PreTrainedModel):
+    config_class = OneRConfig
+    base_model_prefix = "oner"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["OneREncoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # torch.nn.init only: transformers 5 skips parameters that were loaded from a checkpoint,
+        # whereas in-place ops (p.data.fill_) would overwrite them.
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, OneREmbeddings):
+            nn.init.trunc_normal_(module.image_position_embedding, std=std)
+            nn.init.trunc_normal_(module.cls_embedding, std=std)
+        elif isinstance(module, OneRModel):
+            nn.init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+
+class OneRModel(OneRPreTrainedModel):
+    r"""OneR: images, texts and image+text sequences through ONE transformer and ONE head.
+
+    Every input becomes one sequence `[CLS] + tokens` for the same encoder:
+    image-only `[CLS] + patches`, text-only `[CLS] + words`, joint `[CLS] + patches + words`.
+    The [CLS] output, after the final LayerNorm and the shared head, is the embedding.
+
+    `forward` mirrors `CLIPModel.forward` (images and texts encoded separately, then scored), so
+    code written for CLIP and the zero-shot-image-classification pipeline work unchanged.
+    The `get_*_features` methods return tensors of shape `(batch, projection_dim)` (not normalised),
+    as `CLIPModel` did in transformers 4.x.
+    """
+
+    def __init__(self, config: OneRConfig):
+        super().__init__(config)
+        self.embeddings = OneREmbeddings(config)
+        self.encoder = OneREncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.head = OneRProjectionHead(config)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        self.post_init()
+
+    # ------------------------------------------------------------------ input checks
+    def _check_pixel_values(self, pixel_values: Any) -> torch.Tensor:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}"
+            )
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values is an empty batch")
+        if pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values have {pixel_values.shape[1]} channels but the model expects {self.config.num_channels}"
+            )
+        return pixel_values
+
+    def _check_text(
+        self, input_ids: Any, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must have shape (batch, length) with both > 0, got {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point:
+            raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"text is {input_ids.shape[1]} tokens long but the model has {self.config.max_position_embeddings} "
+                "text positions; truncate it (OneRProcessor does with truncation=True)"
+            )
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+                )
+            empty = (attention_mask == 0).all(dim=1).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"texts at batch positions {empty} have no tokens (all-zero attention_mask)")
+        return input_ids, attention_mask
+
+    # ------------------------------------------------------------------ the shared tower
+    def forward_features(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cross_modal_attention: bool = False,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutputWithPooling:
+        """Encode one sequence per example with the shared transformer.
+
+        Given only `pixel_values` the sequence is `[CLS] + patches`; only `input_ids`,
+        `[CLS] + words`; both, the joint `[CLS] + patches + words` (image i with text i).
+
+        Args:
+            input_ids: `(batch, length)` token ids (no special tokens; the [CLS] is the model's).
+            attention_mask: `(batch, length)`, 1 for real tokens, 0 for padding.
+            pixel_values: `(batch, channels, image_size, image_size)` normalised pixels.
+            position_ids: `(batch, length)` text positions; default `0..length-1`.
+            cross_modal_attention: joint input only. Image tokens attend only to text tokens and
+                text tokens only to image tokens; [CLS] attends to all. The CIC objective's pass.
+            interpolate_pos_encoding: accept other image sizes by resizing the position grid.
+
+        Returns:
+            `BaseModelOutputWithPooling` with `last_hidden_state` `(batch, seq, hidden)` after the
+            final LayerNorm and `pooler_output` `(batch, hidden)`, the [CLS] token.
+        """
+        if input_ids is None and pixel_values is None:
+            raise ValueError("pass pixel_values, input_ids or both")
+        if cross_modal_attention and (input_ids is None or pixel_values is None):
+            raise ValueError("cross_modal_attention needs a joint input: pass both pixel_values and input_ids")
+
+        parts, masks = [], []
+        if pixel_values is not None:
+            pixel_values = self._check_pixel_values(pixel_values)
+            image_tokens = self.embeddings.embed_image(pixel_values, interpolate_pos_encoding)
+            parts.append(image_tokens)
+            masks.append(torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=image_tokens.device))
+        if input_ids is not None:
+            input_ids, attention_mask = self._check_text(input_ids, attention_mask)
+            text_tokens = self.embeddings.embed_text(input_ids, position_ids)
+            parts.append(text_tokens)
+            text_mask = (
+                attention_mask.bool()
+                if attention_mask is not None
+                else torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+            )
+            masks.append(text_mask)
+        batch_sizes = {part.shape[0] for part in parts}
+        if len(batch_sizes) > 1:
+            raise ValueError(
+                f"a joint image+text input needs one text per image: got {parts[0].shape[0]} images "
+                f"and {parts[1].shape[0]} texts"
+            )
+        batch = parts[0].shape[0]
+        hidden_states = torch.cat([self.embeddings.cls(batch).to(parts[0].dtype), *parts], dim=1)
+        key_mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=hidden_states.device), *masks], dim=1)
+
+        if cross_modal_attention:
+            attention_mask_4d = self._cross_modal_mask(key_mask, num_image_tokens=parts[0].shape[1])
+        elif key_mask.all():
+            attention_mask_4d = None  # no padding: lets SDPA pick its fastest kernel
+        else:
+            attention_mask_4d = key_mask[:, None, None, :]
+
+        encoded = self.encoder(
+            hidden_states,
+            attention_mask=attention_mask_4d,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        last_hidden_state = self.post_layernorm(encoded.last_hidden_state)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=last_hidden_state[:, 0],
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+        )
+
+    @staticmethod
+    def _cross_modal_mask(key_mask: torch.Tensor, num_image_tokens: int) -> torch.Tensor:
+        """`(batch, 1, seq, seq)` boolean mask: each modality attends only to the other; [CLS] to all."""
+        seq = key_mask.shape[1]
+        modality = torch.full((seq,), TEXT_MODALITY, device=key_mask.device)
+        modality[0] = CLS_MODALITY
+        modality[1 : 1 + num_image_tokens] = IMAGE_MODALITY
+        is_cls_query = modality[:, None] == CLS_MODALITY
+        other_modality = (modality[:, None] != modality[None, :]) & (modality[None, :] != CLS_MODALITY)
+        allowed = is_cls_query | other_modality  # (seq, seq): query x key
+        return allowed[None, None] & key_mask[:, None, None, :]
+
+    def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The shared head: `(..., hidden_size)` -> `(..., projection_dim)`."""
+        return self.head(hidden_states)
+
+    # ------------------------------------------------------------------ embeddings in the shared space
+    def get_image_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
+    ) -> torch.Tensor:
+        """`(batch, channels, H, W)` pixels -> `(batch, projection_dim)` image embeddings."""
+        out = self.forward_features(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        return self.project(out.pooler_output)
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """`(batch, length)` token ids -> `(batch, projection_dim)` text embeddings."""
+        out = self.forward_features(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return self.project(out.pooler_output)
+
+    def get_multimodal_features(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cross_modal_attention: bool = False,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Image i and text i encoded together as ONE sequence -> `(batch, projection_dim)`, same space."""
+        out = self.forward_features(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            cross_modal_attention=cross_modal_attention,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        return self.project(out.pooler_output)
+
+    def get_patch_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """Every patch token through the shared head: `(batch, num_patches, projection_dim)`.
+
+        Patches live in the same space as texts, so `normalize(patches) @ normalize(text).T` is a
+        text-to-patch similarity map (zero-shot localization) with no extra module. Patch `k` is at
+        row `k // grid`, column `k % grid` of the image.
+        """
+        out = self.forward_features(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        return self.project(out.last_hidden_state[:, 1:])
+
+    # ------------------------------------------------------------------ CLIP-compatible forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        modality_ids: torch.Tensor | None = None,
+        stream_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> OneROutput | tuple:
+        """Encode images and texts SEPARATELY (as CLIP does) and score every image against every text.
+
+        Args:
+            input_ids: `(n_texts, length)`; attention_mask: `(n_texts, length)`.
+            pixel_values: `(n_images, channels, image_size, image_size)`.
+            return_loss: add the symmetric InfoNCE loss (needs n_images == n_texts, pairs on the diagonal).
+            token_type_ids, modality_ids, stream_attention_mask: accepted and ignored, so the output
+                of a BERT-style tokenizer or of `OneRProcessor` can be passed with `**inputs`.
+
+        Returns:
+            [`OneROutput`]; the logits are computed in fp32 even under autocast.
+        """
+        output_attentions = bool(output_attentions)
+        output_hidden_states = bool(output_hidden_states)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        vision_outputs = text_outputs = image_embeds = text_embeds = None
+        logits_per_image = logits_per_text = loss = None
+        features = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        if pixel_values is not None:
+            vision_outputs = self.forward_features(
+                pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **features
+            )
+            image_embeds = self._normalize(self.project(vision_outputs.pooler_output))
+        if input_ids is not None:
+            text_outputs = self.forward_features(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **features
+            )
+            text_embeds = self._normalize(self.project(text_outputs.pooler_output))
+        if input_ids is None and pixel_values is None:
+            raise ValueError("pass pixel_values, input_ids or both")
+
+        if image_embeds is not None and text_embeds is not None:
+            logits_per_text = self.similarity(text_embeds, image_embeds)
+            logits_per_image = logits_per_text.t()
+            if return_loss:
+                if len(image_embeds) != len(text_embeds):
+                    raise ValueError(
+                        f"return_loss needs one text per image: got {len(image_embeds)} images and "
+                        f"{len(text_embeds)} texts"
+                    )
+                loss = (contrastive_loss(logits_per_text) + contrastive_loss(logits_per_image)) / 2
+        elif return_loss:
+            raise ValueError("return_loss needs both pixel_values and input_ids")
+
+        output = OneROutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @staticmethod
+    def _normalize(embeddings: torch.Tensor) -> torch.Tensor:
+        # fp32: the contrastive softmax is sensitive to rounding under bf16/fp16 autocast.
+        return F.normalize(embeddings.float(), dim=-1)
+
+    def similarity(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Scaled cosine similarities `(n_queries, n_keys)` of normalised embeddings, in fp32."""
+        with torch.autocast(device_type=queries.device.type, enabled=False):
+            scale = self.logit_scale.float().exp()
+            return scale * queries.float() @ keys.float().t()
+
+
+__all__ = ["OneRModel", "OneRPreTrainedModel", "OneROutput", "OneREncoderLayer"]
