@@ -1,0 +1,474 @@
+"""Image-text pairs from any source, for training and evaluation.
+
+``load_image_text_dataset`` turns a source string into a torch data set yielding
+``{"image": PIL.Image (RGB), "text": str, "captions": list[str]}``:
+
+- ``"embedded"`` / ``"embedded:twemoji"`` / ``"embedded:openmoji"`` / ``"embedded:composites"``
+  (the embedded set, built on first use);
+- a folder with ``metadata.jsonl`` or ``metadata.csv`` (a ``datasets`` imagefolder);
+- a ``.csv`` file with an image path column (relative to the CSV's folder) and a caption column;
+- a folder, a ``.tar`` file or a glob of webdataset ``.tar`` shards (streamed);
+- a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
+- a Hub data set name (only when online).
+
+Images are decoded here, not by ``datasets``, so that a damaged file is caught, counted in a
+``DataStats`` by kind and skipped instead of crashing the run. A map-style data set cannot drop an
+index, so ``__getitem__`` returns ``None`` for a damaged sample and ``ImageTextCollator`` drops it.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .embedded import SPLITS, build_embedded_dataset, on_white
+from .stats import DataStats
+
+IMAGE_COLUMNS = ("image", "jpg", "png", "jpeg", "webp", "img")
+TEXT_COLUMNS = ("text", "caption", "txt", "captions", "sentence", "label_text")
+_SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+class DamagedSample(Exception):
+    """A sample that cannot be used; ``kind`` is one of ``stats.DAMAGE_KINDS``."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding one sample
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_bytes(value: Any) -> tuple[bytes | None, Image.Image | None]:
+    """Bytes (or an already decoded image) from a path, bytes, a datasets Image dict or a PIL image."""
+    if isinstance(value, Image.Image):
+        return None, value
+    if isinstance(value, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
+        if value.get("bytes") is not None:
+            return value["bytes"], None
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value), None
+    if isinstance(value, (str, os.PathLike)) and str(value):
+        path = Path(value)
+        if not path.is_file():
+            raise DamagedSample("missing_file", str(path))
+        try:
+            return path.read_bytes(), None
+        except OSError as e:
+            raise DamagedSample("unreadable", f"{path}: {e}") from None
+    raise DamagedSample("missing_file", f"no image in {type(value).__name__}")
+
+
+def decode_image(value: Any) -> Image.Image:
+    """Decode an image fully into RGB on white, or raise ``DamagedSample`` with the kind of damage.
+
+    Decompression bombs count as damage whether PIL warns (more than ``MAX_IMAGE_PIXELS``) or
+    refuses (more than twice that).
+    """
+    data, image = _read_bytes(value)
+    if image is None:
+        if len(data) == 0:
+            raise DamagedSample("empty_file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                image = Image.open(io.BytesIO(data))
+                image.load()  # decode now: truncation only shows while reading pixel data
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+                raise DamagedSample("decompression_bomb", str(e)) from None
+            except UnidentifiedImageError as e:
+                raise DamagedSample("not_an_image", str(e)) from None
+            except (OSError, SyntaxError, ValueError, EOFError) as e:
+                kind = "truncated" if "truncated" in str(e).lower() or isinstance(e, EOFError) else "unreadable"
+                raise DamagedSample(kind, str(e)) from None
+    try:
+        return on_white(image)
+    except (OSError, ValueError) as e:
+        raise DamagedSample("unreadable", str(e)) from None
+
+
+def _clean_captions(value: Any) -> list[str]:
+    """Non-empty, stripped captions from a string, a list of strings or None."""
+    if value is None:
+        return []
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    items = [value] if isinstance(value, str) else list(value)
+    return [str(c).strip() for c in items if c is not None and str(c).strip()]
+
+
+def make_sample(row: dict, image_column: str, text_column: str) -> dict:
+    """``{"image", "text", "captions"}`` from one raw row, or raise ``DamagedSample``.
+
+    The caption is checked first: an empty caption is cheaper to find than a broken image.
+    """
+    captions = _clean_captions(row.get(text_column))
+    if "captions" in row and text_column != "captions":
+        extra = _clean_captions(row["captions"])
+        captions = captions + [c for c in extra if c not in captions]
+    if not captions:
+        raise DamagedSample("empty_caption")
+    image = decode_image(row.get(image_column))
+    return {"image": image, "text": captions[0], "captions": captions}
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch data sets
+# ----------------------------------------------------------------------------------------------
+
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """Map-style view of a ``datasets.Dataset``; a damaged item is counted and returned as ``None``."""
+
+    def __init__(self, hf_dataset, image_column: str, text_column: str, stats: DataStats | None = None,
+                 base_dir: str | Path | None = None) -> None:
+        self.hf_dataset = hf_dataset
+        self.image_column = image_column
+        self.text_column = text_column
+        self.stats = stats if stats is not None else DataStats()
+        # CSV paths are relative to the CSV's folder, not to the current directory.
+        self.base_dir = Path(base_dir) if base_dir is not None else None
+
+    def __len__(self) -> int:
+        return len(self.hf_dataset)
+
+    def _resolve(self, row: dict) -> dict:
+        value = row.get(self.image_column)
+        if self.base_dir is not None and isinstance(value, str) and value and not os.path.isabs(value):
+            row = dict(row)
+            row[self.image_column] = str(self.base_dir / value)
+        return row
+
+    def __getitem__(self, index: int) -> dict | None:
+        row = self._resolve(self.hf_dataset[int(index)])
+        try:
+            sample = make_sample(row, self.image_column, self.text_column)
+        except DamagedSample as e:
+            self.stats.record(e.kind)
+            return None
+        self.stats.record("ok")
+        return sample
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.hf_dataset.column_names)
+
+
+class ImageTextIterableDataset(torch.utils.data.IterableDataset):
+    """Streaming view of a ``datasets.IterableDataset``; damaged samples are counted and skipped.
+
+    Iteration inside DataLoader workers is split by ``datasets`` itself (by shard).
+    """
+
+    def __init__(self, hf_dataset, image_column: str, text_column: str, stats: DataStats | None = None) -> None:
+        self.hf_dataset = hf_dataset
+        self.image_column = image_column
+        self.text_column = text_column
+        self.stats = stats if stats is not None else DataStats()
+
+    def __iter__(self) -> Iterator[dict]:
+        for row in self.hf_dataset:
+            try:
+                sample = make_sample(row, self.image_column, self.text_column)
+            except DamagedSample as e:
+                self.stats.record(e.kind)
+                continue
+            self.stats.record("ok")
+            yield sample
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward to ``datasets`` so that shuffling buffers change per epoch."""
+        if hasattr(self.hf_dataset, "set_epoch"):
+            self.hf_dataset.set_epoch(epoch)
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.hf_dataset.column_names or [])
+
+
+def shard_for_rank(ds, rank: int, world_size: int):
+    """The part of ``ds`` that process ``rank`` of ``world_size`` reads (no overlap between ranks).
+
+    Works on our wrappers (sharing their ``DataStats``) and on plain ``datasets`` objects, through
+    ``datasets.distributed.split_dataset_by_node``. For streams whose shard count divides
+    ``world_size`` each rank reads whole shards; otherwise each rank keeps every world_size-th example.
+    """
+    from datasets.distributed import split_dataset_by_node
+
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if isinstance(ds, ImageTextDataset):
+        part = split_dataset_by_node(ds.hf_dataset, rank=rank, world_size=world_size)
+        return ImageTextDataset(part, ds.image_column, ds.text_column, ds.stats, ds.base_dir)
+    if isinstance(ds, ImageTextIterableDataset):
+        part = split_dataset_by_node(ds.hf_dataset, rank=rank, world_size=world_size)
+        return ImageTextIterableDataset(part, ds.image_column, ds.text_column, ds.stats)
+    return split_dataset_by_node(ds, rank=rank, world_size=world_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------------
+
+
+def _pick_column(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str) -> str:
+    """``wanted`` if it is a column, else the first candidate present (case-insensitive)."""
+    if wanted is not None:
+        if wanted in columns:
+            return wanted
+        raise ValueError(f"{what} column {wanted!r} not found; columns found: {list(columns)}")
+    lowered = {c.lower(): c for c in columns}
+    for name in candidates:
+        if name in lowered:
+            return lowered[name]
+    raise ValueError(
+        f"no {what} column found (looked for {list(candidates)}); columns found: {list(columns)}; "
+        f"pass {what}_column=..."
+    )
+
+
+def _no_decode(hf_dataset, column: str):
+    """Keep image bytes/paths undecoded so that a damaged image reaches our own decoder."""
+    import datasets
+
+    features = getattr(hf_dataset, "features", None)
+    if features is not None and isinstance(features.get(column), datasets.Image):
+        return hf_dataset.cast_column(column, datasets.Image(decode=False))
+    return hf_dataset
+
+
+def _wrap(hf_dataset, image_column, text_column, base_dir=None):
+    """Pick columns and wrap into the map-style or streaming torch data set."""
+    import datasets
+
+    columns = list(hf_dataset.column_names or [])
+    if not columns and isinstance(hf_dataset, datasets.IterableDataset):
+        # Some streaming builders only know their columns after the first example.
+        columns = list(next(iter(hf_dataset)).keys())
+    image_column = _pick_column(columns, image_column, IMAGE_COLUMNS, "image")
+    text_column = _pick_column(columns, text_column, TEXT_COLUMNS, "text")
+    hf_dataset = _no_decode(hf_dataset, image_column)
+    if isinstance(hf_dataset, datasets.IterableDataset):
+        return ImageTextIterableDataset(hf_dataset, image_column, text_column)
+    return ImageTextDataset(hf_dataset, image_column, text_column, base_dir=base_dir)
+
+
+def _select_split(obj, split: str, source: str):
+    """One split of a DatasetDict (or the data set itself), with a clear error for a wrong name."""
+    import datasets
+
+    if isinstance(obj, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split not in obj:
+            raise ValueError(f"split {split!r} not in {source}; splits found: {list(obj)}")
+        return obj[split]
+    return obj
+
+
+def _load_embedded(source: str):
+    """``embedded[:split]``: build the embedded set if needed and read one split as an imagefolder."""
+    _, _, name = source.partition(":")
+    name = name or "twemoji"
+    if name not in SPLITS:
+        raise ValueError(f"unknown embedded split {name!r}; choose one of {list(SPLITS)}")
+    root = build_embedded_dataset()
+    return root / name
+
+
+def _tar_files(source: str) -> list[str]:
+    """Webdataset shards named by a glob, a .tar file or a folder of .tar files (sorted)."""
+    if any(ch in source for ch in "*?["):
+        return sorted(globlib.glob(source))
+    path = Path(source)
+    if path.is_file() and path.suffix == ".tar":
+        return [str(path)]
+    if path.is_dir():
+        return sorted(str(p) for p in path.glob("*.tar"))
+    return []
+
+
+def _is_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def load_image_text_dataset(
+    source: str,
+    *,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    split: str = "train",
+    streaming: bool | None = None,
+):
+    """Open ``source`` (see module doc) as an ``ImageTextDataset`` (map-style) or, for streams,
+    an ``ImageTextIterableDataset``. Both carry ``.stats`` (a ``DataStats``).
+
+    ``streaming=None`` means: stream webdataset shards, read everything else map-style.
+    Columns are auto-detected when not given (image: image/jpg/png/jpeg/webp; text:
+    text/caption/txt/captions). Raises ``ValueError``/``FileNotFoundError`` naming the problem for
+    a missing or empty path, missing columns, an unknown ``embedded:`` split, or a Hub name offline.
+    """
+    import datasets
+
+    if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
+        raise ValueError("source is empty: give 'embedded', a folder, a .csv, .tar shards, or a Hub name")
+    source = str(source)
+
+    if source == "embedded" or source.startswith("embedded:"):
+        source = str(_load_embedded(source))
+
+    tars = _tar_files(source)
+    if any(ch in source for ch in "*?[") and not tars:
+        raise FileNotFoundError(f"the pattern {source!r} matches no .tar shard")
+    path = Path(source).expanduser()
+
+    if tars and not (path.is_dir() and _folder_kind(path) != "webdataset"):
+        if streaming is False:
+            ds = datasets.load_dataset("webdataset", data_files={split: tars}, split=split)
+        else:
+            ds = datasets.load_dataset("webdataset", data_files={split: tars}, split=split, streaming=True)
+        return _wrap(ds, image_column, text_column)
+
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path} is empty")
+        if path.suffix.lower() in (".csv", ".tsv"):
+            ds = datasets.load_dataset("csv", data_files={split: str(path)}, split=split,
+                                       streaming=bool(streaming),
+                                       **({"sep": "\t"} if path.suffix.lower() == ".tsv" else {}))
+            if streaming:
+                return _wrap(ds.map(_absolute_paths(path.parent, image_column)), image_column, text_column)
+            return _wrap(ds, image_column, text_column, base_dir=path.parent)
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .csv, .tsv or .tar")
+
+    if path.is_dir():
+        kind = _folder_kind(path)
+        if kind == "saved":
+            obj = _select_split(datasets.load_from_disk(str(path)), split, source)
+            if streaming:
+                obj = obj.to_iterable_dataset()
+            return _wrap(obj, image_column, text_column)
+        if kind == "imagefolder":
+            ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=bool(streaming))
+            return _wrap(ds, image_column, text_column)
+        if not any(path.iterdir()):
+            raise ValueError(f"{path} is an empty folder")
+        raise ValueError(
+            f"{path} is not a data set: expected metadata.jsonl or metadata.csv (imagefolder), "
+            ".tar shards (webdataset), or a save_to_disk folder; found "
+            f"{sorted(p.name for p in path.iterdir())[:10]}"
+        )
+
+    if _looks_like_path(source):
+        raise FileNotFoundError(f"{source} does not exist")
+    if _is_offline():
+        raise FileNotFoundError(
+            f"{source!r} is not a local path, and the Hub cannot be reached offline "
+            "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set); give a local folder, CSV or .tar shards"
+        )
+    ds = datasets.load_dataset(source, split=split, streaming=bool(streaming))
+    return _wrap(ds, image_column, text_column)
+
+
+def _looks_like_path(source: str) -> bool:
+    """A local path rather than a Hub name ("name" or "owner/name")."""
+    return (
+        source.startswith((".", "/", "~"))
+        or source.count("/") > 1
+        or "\\" in source
+        or Path(source).suffix.lower() in (".csv", ".tsv", ".tar", ".jsonl", ".json", ".parquet", ".png", ".jpg")
+    )
+
+
+def _folder_kind(path: Path) -> str:
+    """What a folder holds: 'saved', 'imagefolder', 'webdataset' or 'unknown'."""
+    if any((path / m).is_file() for m in _SAVED_MARKERS):
+        return "saved"
+    if (path / "metadata.jsonl").is_file() or (path / "metadata.csv").is_file():
+        return "imagefolder"
+    if any(path.glob("*.tar")):
+        return "webdataset"
+    return "unknown"
+
+
+def _absolute_paths(base: Path, image_column: str | None) -> Callable[[dict], dict]:
+    """A ``map`` function making relative image paths in a streamed CSV absolute."""
+    def fix(row: dict) -> dict:
+        for col in ([image_column] if image_column else IMAGE_COLUMNS):
+            value = row.get(col)
+            if isinstance(value, str) and value and not os.path.isabs(value):
+                row[col] = str(base / value)
+        return row
+    return fix
+
+
+# ----------------------------------------------------------------------------------------------
+# Collation
+# ----------------------------------------------------------------------------------------------
+
+
+class ImageTextCollator:
+    """Batch samples for the model: drop ``None`` items, augment, and call the processor.
+
+    ``processor(text=[...], images=[...], return_tensors="pt", padding=True, truncation=True)`` is
+    called on the surviving samples. ``image_transform(image, allow_flip=...)`` and
+    ``text_transform(sample) -> str`` are optional (see ``augment.py``). Returns ``None`` when every
+    sample of the batch was damaged: the training loop should skip that step.
+    """
+
+    def __init__(
+        self,
+        processor: Callable[..., Any],
+        image_transform: Callable[..., Image.Image] | None = None,
+        text_transform: Callable[[dict], str] | None = None,
+        stats: DataStats | None = None,
+    ) -> None:
+        self.processor = processor
+        self.image_transform = image_transform
+        self.text_transform = text_transform
+        self.stats = stats if stats is not None else DataStats()
+
+    def _check(self, sample: Any) -> dict | None:
+        """A usable sample, or None (counted) for None, an empty caption or a non-image."""
+        if sample is None:
+            self.stats.record("dropped_in_collate")
+            return None
+        captions = _clean_captions(sample.get("captions")) or _clean_captions(sample.get("text"))
+        if not captions:
+            self.stats.record("empty_caption")
+            return None
+        image = sample.get("image")
+        if not isinstance(image, Image.Image):
+            try:
+                image = decode_image(image)
+            except DamagedSample as e:
+                self.stats.record(e.kind)
+                return None
+        text = _clean_captions(sample.get("text"))
+        return {**sample, "image": image, "captions": captions, "text": text[0] if text else captions[0]}
+
+    def __call__(self, samples: Sequence[dict | None]):
+        from .augment import flip_allowed
+
+        good = [s for s in (self._check(s) for s in samples) if s is not None]
+        if not good:
+            return None
+        texts, images = [], []
+        for s in good:
+            text = self.text_transform(s) if self.text_transform is not None else s["text"]
+            image = s["image"]
+            if self.image_transform is not None:
+                image = self.image_transform(image, allow_flip=flip_allowed(s["captions"]))
+            texts.append(text)
+            images.append(image)
+        return self.processor(text=texts, images=images, return_tensors="pt", padding=True, truncation=True)
