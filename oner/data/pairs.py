@@ -281,7 +281,14 @@ def _load_embedded(source: str):
     name = name or "twemoji"
     if name not in SPLITS:
         raise ValueError(f"unknown embedded split {name!r}; choose one of {list(SPLITS)}")
-    root = build_embedded_dataset()
+    from .embedded import EMBEDDED_VERSION, default_root, read_manifest
+
+    root = default_root()
+    manifest = read_manifest(root)
+    # Any finished build at the root is used as is (also a small one made with ``limit``);
+    # otherwise build the full set there.
+    if manifest is None or manifest.get("version") != EMBEDDED_VERSION:
+        root = build_embedded_dataset(root)
     return root / name
 
 

@@ -1,0 +1,445 @@
+"""Tests of oner.data: the embedded build, every loader source, damaged samples, augmentations."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from oner.data import (
+    DAMAGE_KINDS,
+    DataStats,
+    ImageAugment,
+    ImageTextCollator,
+    TextAugment,
+    build_embedded_dataset,
+    flip_allowed,
+    load_concepts,
+    load_image_text_dataset,
+    pick_concepts,
+    read_manifest,
+    shard_for_rank,
+)
+
+LIMIT = 12  # concepts in the small test build
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path):
+    """Offline, with a private HF_HOME and ONER_DATA_HOME for every test."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("ONER_DATA_HOME", str(tmp_path / "oner-data"))
+
+
+@pytest.fixture(scope="module")
+def small_build(tmp_path_factory) -> Path:
+    """One small embedded build shared by the tests that only read it."""
+    return build_embedded_dataset(tmp_path_factory.mktemp("emb") / "embedded", seed=0, progress=False, limit=LIMIT)
+
+
+def _png_bytes(color=(255, 0, 0), size=(8, 8), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_good_pngs(folder: Path, n: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        name = f"img{i}.png"
+        (folder / name).write_bytes(_png_bytes((10 * i, 100, 200)))
+        names.append(name)
+    return names
+
+
+class StandInProcessor:
+    """Stands in for the OneR processor: records its inputs, returns a dict of tensors."""
+
+    def __call__(self, text, images, return_tensors="pt", padding=True, truncation=True):
+        self.text, self.images = text, images
+        pixels = torch.stack([torch.from_numpy(np.asarray(im.resize((8, 8)), dtype=np.float32)) for im in images])
+        return {"input_ids": torch.tensor([[len(t)] for t in text]), "pixel_values": pixels}
+
+
+# ------------------------------------------------------------------------------------------------
+# The embedded data set
+# ------------------------------------------------------------------------------------------------
+
+
+def _all_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_build_is_deterministic_and_complete(small_build, tmp_path):
+    again = build_embedded_dataset(tmp_path / "again", seed=0, progress=False, limit=LIMIT)
+    assert _all_bytes(small_build) == _all_bytes(again)  # same seed -> byte-identical files
+    manifest = read_manifest(small_build)
+    assert manifest["counts"]["twemoji"] == LIMIT
+    assert manifest["counts"]["openmoji"] + manifest["openmoji_skipped_undrawable"] == LIMIT
+    assert manifest["counts"]["composites"] > 0
+    assert {"twemoji", "openmoji", "names"} <= set(manifest["licenses"])
+    for split in ("twemoji", "openmoji", "composites"):
+        rows = [json.loads(line) for line in (small_build / split / "metadata.jsonl").read_text().splitlines()]
+        assert len(rows) == manifest["counts"][split]
+        for row in rows:
+            with Image.open(small_build / split / row["file_name"]) as im:
+                assert im.mode == "RGB"  # composited on white at build time
+    row = json.loads((small_build / "twemoji" / "metadata.jsonl").read_text().splitlines()[0])
+    assert {"file_name", "text", "captions", "name", "group", "subgroup", "skin_tone", "codepoints"} <= set(row)
+    assert row["text"] == row["captions"][0] and ":" not in row["text"] and "_" not in row["text"]
+
+
+def test_other_seed_changes_only_composites(small_build, tmp_path):
+    other = build_embedded_dataset(tmp_path / "seed1", seed=1, progress=False, limit=LIMIT)
+    a, b = _all_bytes(small_build), _all_bytes(other)
+    assert a["twemoji/metadata.jsonl"] == b["twemoji/metadata.jsonl"]
+    assert a["composites/metadata.jsonl"] != b["composites/metadata.jsonl"]
+
+
+def test_composite_boxes_inside_canvas_and_disjoint(small_build):
+    rows = [json.loads(line) for line in (small_build / "composites" / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert 2 <= len(row["objects"]) <= 4
+        boxes = [o["box"] for o in row["objects"]]
+        for x0, y0, x1, y1 in boxes:
+            assert 0 <= x0 < x1 <= 128 and 0 <= y0 < y1 <= 128
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+        assert any(o["name"] in row["text"] for o in row["objects"])
+
+
+def test_build_is_idempotent_and_replaces_unfinished(tmp_path):
+    root = tmp_path / "emb"
+    build_embedded_dataset(root, progress=False, limit=3)
+    stamp = (root / "manifest.json").stat().st_mtime_ns
+    build_embedded_dataset(root, progress=False, limit=3)
+    assert (root / "manifest.json").stat().st_mtime_ns == stamp  # not rebuilt
+    # An interrupted build (no manifest) is never taken as finished.
+    (root / "manifest.json").unlink()
+    build_embedded_dataset(root, progress=False, limit=3)
+    assert read_manifest(root)["counts"]["twemoji"] == 3
+    assert not list(tmp_path.glob(".emb.*"))  # no temporary folders left behind
+
+
+def test_build_refuses_foreign_folder(tmp_path):
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "precious.txt").write_text("not ours")
+    with pytest.raises(FileExistsError, match="not an embedded data set"):
+        build_embedded_dataset(root, progress=False, limit=2)
+    assert (root / "precious.txt").exists()
+
+
+def test_concepts_and_eval_subset():
+    concepts = load_concepts()
+    assert len(concepts) > 3000 and any(c.skin_tone for c in concepts)
+    apple = next(c for c in concepts if c.name == "red apple")
+    assert apple.group == "Food & Drink"
+    first = pick_concepts(concepts, 50, seed=3)
+    assert first == pick_concepts(concepts, 50, seed=3) and len(first) == 50
+    assert not any(c.skin_tone for c in first)
+    assert first != pick_concepts(concepts, 50, seed=4)
+
+
+@pytest.mark.parametrize("split", ["twemoji", "openmoji", "composites"])
+def test_load_embedded_splits(small_build, monkeypatch, split):
+    monkeypatch.setenv("ONER_DATA_HOME", str(small_build))
+    ds = load_image_text_dataset(f"embedded:{split}")
+    sample = ds[0]
+    assert isinstance(sample["image"], Image.Image) and sample["image"].mode == "RGB"
+    assert sample["text"] and sample["text"] == sample["captions"][0]
+
+
+# ------------------------------------------------------------------------------------------------
+# User data sources
+# ------------------------------------------------------------------------------------------------
+
+
+def test_imagefolder_jsonl(tmp_path):
+    names = _write_good_pngs(tmp_path / "f", 3)
+    with open(tmp_path / "f" / "metadata.jsonl", "w") as f:
+        for i, n in enumerate(names):
+            f.write(json.dumps({"file_name": n, "caption": f"thing {i}"}) + "\n")
+    ds = load_image_text_dataset(str(tmp_path / "f"))
+    assert len(ds) == 3 and ds[1]["text"] == "thing 1" and ds[1]["image"].size == (8, 8)
+
+
+def test_imagefolder_metadata_csv_with_named_columns(tmp_path):
+    names = _write_good_pngs(tmp_path / "f", 2)
+    with open(tmp_path / "f" / "metadata.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "description"])
+        for n in names:
+            w.writerow([n, f"a picture {n}"])
+    ds = load_image_text_dataset(str(tmp_path / "f"), text_column="description")
+    assert [ds[i]["text"] for i in range(2)] == ["a picture img0.png", "a picture img1.png"]
+
+
+def test_csv_of_paths_and_captions(tmp_path):
+    names = _write_good_pngs(tmp_path / "imgs", 2)
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "caption"])
+        for n in names:
+            w.writerow([f"imgs/{n}", f"caption of {n}"])
+    ds = load_image_text_dataset(str(tmp_path / "pairs.csv"), image_column="path")
+    assert len(ds) == 2 and ds[0]["text"] == "caption of img0.png"
+
+
+def _write_shards(folder: Path, n_shards: int, per_shard: int, damaged: dict | None = None) -> None:
+    """Webdataset shards: KEY.png + KEY.txt members; ``damaged`` maps key -> (png bytes, txt)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    damaged = damaged or {}
+    for s in range(n_shards):
+        with tarfile.open(folder / f"shard-{s:03d}.tar", "w") as tar:
+            for i in range(per_shard):
+                key = f"s{s}_{i:03d}"
+                png, txt = damaged.get(key, (_png_bytes((i, s, 0)), f"sample {key}"))
+                for ext, data in (("png", png), ("txt", txt.encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards_stream_and_split_by_rank(tmp_path):
+    _write_shards(tmp_path / "wds", n_shards=2, per_shard=3)
+    ds = load_image_text_dataset(str(tmp_path / "wds" / "*.tar"))
+    assert isinstance(ds, torch.utils.data.IterableDataset)
+    texts = [s["text"] for s in ds]
+    assert len(texts) == 6 and texts[0] == "sample s0_000"
+    parts = [[s["text"] for s in shard_for_rank(ds, r, 2)] for r in range(2)]
+    assert sorted(parts[0] + parts[1]) == sorted(texts) and not set(parts[0]) & set(parts[1])
+    # The folder itself works too.
+    assert len(list(load_image_text_dataset(str(tmp_path / "wds")))) == 6
+
+
+def test_save_to_disk(tmp_path):
+    import datasets
+
+    names = _write_good_pngs(tmp_path / "imgs", 3)
+    ds = datasets.Dataset.from_dict(
+        {"image": [str(tmp_path / "imgs" / n) for n in names], "text": ["a", "b", "c"]}
+    ).cast_column("image", datasets.Image())
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved"))
+    loaded = load_image_text_dataset(str(tmp_path / "saved"))
+    assert [loaded[i]["text"] for i in range(3)] == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="splits found"):
+        load_image_text_dataset(str(tmp_path / "saved"), split="validation")
+
+
+def test_shard_for_rank_map_style_no_overlap(tmp_path):
+    names = _write_good_pngs(tmp_path / "f", 7)
+    with open(tmp_path / "f" / "metadata.jsonl", "w") as f:
+        for n in names:
+            f.write(json.dumps({"file_name": n, "text": n}) + "\n")
+    ds = load_image_text_dataset(str(tmp_path / "f"))
+    parts = [[s["text"] for s in (shard_for_rank(ds, r, 3)[i] for i in range(len(shard_for_rank(ds, r, 3))))]
+             for r in range(3)]
+    flat = [t for p in parts for t in p]
+    assert sorted(flat) == sorted(names) and len(flat) == len(set(flat))
+    assert shard_for_rank(ds, 0, 3).stats is ds.stats
+    with pytest.raises(ValueError, match="rank"):
+        shard_for_rank(ds, 3, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged samples: every kind is skipped and counted, never fatal
+# ------------------------------------------------------------------------------------------------
+
+
+def _damaged_files(folder: Path) -> dict[str, tuple[bytes | None, str]]:
+    """file name -> (bytes, caption) for one sample of each damage kind, plus two good ones."""
+    good = _png_bytes(size=(16, 16))
+    noisy = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(noisy, "PNG")
+    return {
+        "good1.png": (good, "a good one"),
+        "good2.png": (good, "another good one"),
+        "missing.png": (None, "file not there"),
+        "empty.png": (b"", "zero bytes"),
+        "text.png": (b"this is not an image at all\n", "a text file"),
+        "truncated.png": (noisy.getvalue()[: len(noisy.getvalue()) // 2], "cut in half"),
+        # 60x60 = 3600 pixels: more than twice MAX_IMAGE_PIXELS (1000) -> DecompressionBombError;
+        "bomb_error.png": (_png_bytes(size=(60, 60)), "too many pixels"),
+        # 40x40 = 1600 pixels: between 1x and 2x -> only a DecompressionBombWarning, also damage.
+        "bomb_warning.png": (_png_bytes(size=(40, 40)), "a few too many pixels"),
+        "nocaption.png": (good, "   "),
+    }
+
+
+EXPECTED_DAMAGE = {
+    "missing_file": 1, "empty_file": 1, "not_an_image": 1, "truncated": 1,
+    "decompression_bomb": 2, "empty_caption": 1, "unreadable": 0,
+}
+
+
+def _damaged_imagefolder(tmp_path: Path) -> Path:
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as meta:
+        for name, (data, caption) in _damaged_files(folder).items():
+            if data is not None:
+                (folder / name).write_bytes(data)
+            meta.write(json.dumps({"file_name": name, "text": caption}) + "\n")
+    return folder
+
+
+def test_every_damage_kind_skipped_and_counted_map_style(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    folder = _damaged_imagefolder(tmp_path)
+    # imagefolder refuses rows whose file is missing; use a CSV of paths for the full set.
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "text"])
+        for name, (_, caption) in _damaged_files(folder).items():
+            w.writerow([f"damaged/{name}", caption])
+    ds = load_image_text_dataset(str(tmp_path / "pairs.csv"))
+    collator = ImageTextCollator(StandInProcessor(), stats=ds.stats)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collator)
+    batches = [b for b in loader if b is not None]
+    assert sum(len(b["input_ids"]) for b in batches) == 2
+    counts = ds.stats.as_dict()
+    assert {k: counts[k] for k in DAMAGE_KINDS} == EXPECTED_DAMAGE
+    assert counts["ok"] == 2 and counts["skipped"] == 7 and counts["dropped_in_collate"] == 7
+    summary = ds.stats.summary()
+    assert "2 ok" in summary and "7 skipped" in summary and "decompression_bomb: 2" in summary
+
+
+def test_damage_in_webdataset_stream_is_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    files = _damaged_files(tmp_path)
+    damaged = {f"s0_{i:03d}": (data, caption) for i, (data, caption) in
+               enumerate(v for v in files.values() if v[0] is not None)}
+    _write_shards(tmp_path / "wds", n_shards=1, per_shard=len(damaged), damaged=damaged)
+    ds = load_image_text_dataset(str(tmp_path / "wds"))
+    got = list(ds)
+    counts = ds.stats.as_dict()
+    assert len(got) == 2 and counts["ok"] == 2
+    assert counts["decompression_bomb"] == 2 and counts["truncated"] == 1 and counts["not_an_image"] == 1
+    assert counts["empty_file"] + counts["missing_file"] == 1  # an empty tar member
+    assert counts["empty_caption"] == 1
+
+
+def test_collator_drops_bad_items_and_applies_transforms():
+    stats = DataStats()
+    proc = StandInProcessor()
+    image = Image.new("RGB", (20, 10), "blue")
+    collator = ImageTextCollator(
+        proc, image_transform=ImageAugment(12, seed=0), text_transform=TextAugment(seed=0), stats=stats
+    )
+    batch = collator([
+        {"image": image, "text": "red apple", "captions": ["red apple", "apple"]},
+        None,
+        {"image": image, "text": " ", "captions": []},
+        {"image": b"garbage", "text": "broken"},
+    ])
+    assert len(batch["input_ids"]) == 1 and proc.images[0].size == (12, 12)
+    assert proc.text[0] in {"red apple", "apple", "[MASK] apple", "red [MASK]"}
+    d = stats.as_dict()
+    assert d["dropped_in_collate"] == 1 and d["empty_caption"] == 1 and d["not_an_image"] == 1
+    assert collator([None, None]) is None
+
+
+def test_stats_reject_unknown_kind():
+    with pytest.raises(ValueError, match="unknown counter"):
+        DataStats().record("cosmic_ray")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad arguments: one clear error naming the problem
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bad_arguments(tmp_path, small_build, monkeypatch):
+    with pytest.raises(ValueError, match="source is empty"):
+        load_image_text_dataset("  ")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_image_text_dataset(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty folder"):
+        load_image_text_dataset(str(tmp_path / "empty"))
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        load_image_text_dataset(str(tmp_path / "empty.csv"))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hi")
+    with pytest.raises(ValueError, match="not a data set"):
+        load_image_text_dataset(str(tmp_path / "junk"))
+    with pytest.raises(FileNotFoundError, match="matches no .tar"):
+        load_image_text_dataset(str(tmp_path / "*.tar"))
+    with pytest.raises(FileNotFoundError, match="offline"):
+        load_image_text_dataset("someone/some-dataset")
+    monkeypatch.setenv("ONER_DATA_HOME", str(small_build))
+    with pytest.raises(ValueError, match="unknown embedded split 'emojipedia'"):
+        load_image_text_dataset("embedded:emojipedia")
+
+
+def test_missing_columns_are_listed(tmp_path):
+    names = _write_good_pngs(tmp_path / "f", 1)
+    (tmp_path / "f" / "metadata.jsonl").write_text(json.dumps({"file_name": names[0], "label": 3}) + "\n")
+    with pytest.raises(ValueError, match=r"no text column found.*columns found: \['image', 'label'\]"):
+        load_image_text_dataset(str(tmp_path / "f"))
+    with pytest.raises(ValueError, match="image column 'photo' not found"):
+        load_image_text_dataset(str(tmp_path / "f"), image_column="photo", text_column="label")
+
+
+# ------------------------------------------------------------------------------------------------
+# Augmentations
+# ------------------------------------------------------------------------------------------------
+
+
+def _asymmetric_image() -> Image.Image:
+    arr = np.zeros((40, 60, 3), dtype=np.uint8)
+    arr[:, :20] = (255, 0, 0)  # red on the left only
+    arr[:, 20:] = (255, 255, 255)
+    return Image.fromarray(arr)
+
+
+def test_image_augment_deterministic_and_sized():
+    image = _asymmetric_image()
+    a = [np.asarray(ImageAugment(24, seed=5)(image)) for _ in range(2)]
+    assert a[0].shape == (24, 24, 3) and np.array_equal(a[0], a[1])
+    aug = ImageAugment(24, seed=5)
+    outs = [np.asarray(aug(image)) for _ in range(4)]
+    assert not all(np.array_equal(outs[0], o) for o in outs[1:])  # the stream advances
+    # A torch.Generator works too and gives the same result for the same seed.
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert np.array_equal(np.asarray(aug(image, rng=g1)), np.asarray(aug(image, rng=g2)))
+    # Resume: state_dict taken mid-stream reproduces the next draws.
+    state = aug.state_dict()
+    nxt = np.asarray(aug(image))
+    aug.load_state_dict(state)
+    assert np.array_equal(np.asarray(aug(image)), nxt)
+
+
+def test_flip_respects_allow_flip():
+    image = _asymmetric_image()
+    aug = ImageAugment(30, scale=(1.0, 1.0), ratio=(1.5, 1.5), hflip_p=1.0, color_jitter=0.0, blur_p=0.0)
+    kept = np.asarray(aug(image, allow_flip=False))
+    flipped = np.asarray(aug(image, allow_flip=True))
+    assert kept[15, 2, 1] < 50 and flipped[15, -3, 1] < 50  # red (no green) moves to the right
+    assert flip_allowed(["red apple"]) and not flip_allowed(["left arrow"])
+    assert not flip_allowed(["keycap: 1"]) and not flip_allowed(["flag for France"])
+
+
+def test_text_augment():
+    sample = {"captions": ["face with tears of joy", "joy"]}
+    runs = [[TextAugment(seed=1)(sample) for _ in range(1)] for _ in range(2)]
+    assert runs[0] == runs[1]
+    aug = TextAugment(whole_word_mask_p=1.0, seed=0, alias_choice=False)
+    out = aug(sample).split()
+    assert len(out) == 5 and out.count("[MASK]") == 4  # never every word
+    assert TextAugment(whole_word_mask_p=1.0, seed=0)("joy") == "joy"  # one word: never masked
+    texts = {TextAugment(seed=s, whole_word_mask_p=0.0)(sample) for s in range(20)}
+    assert texts == set(sample["captions"])  # alias choice reaches every caption
