@@ -1,0 +1,266 @@
+"""OneRModel: one shared tower for every input kind, CLIP-compatible outputs, attention and precision switches."""
+
+import pytest
+import torch
+
+from modeling_oner import OneRConfig, OneRModel
+from modeling_oner.modeling_oner import OneREncoderLayer
+
+
+def _inputs(config, batch=3, length=5, pad_last=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch, 3, config.image_size, config.image_size, generator=generator)
+    input_ids = torch.randint(1000, 2000, (batch, length), generator=generator)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    attention_mask[-1, length - pad_last :] = 0
+    input_ids[attention_mask == 0] = config.pad_token_id
+    return pixel_values, input_ids, attention_mask
+
+
+def _sequence_lengths_seen_by_layers(model, call):
+    """Runs `call` and returns the sequence length every shared layer saw, in call order."""
+    seen = []
+    hooks = [
+        layer.register_forward_hook(lambda module, args, out: seen.append((id(module), args[0].shape[1])))
+        for layer in model.encoder.layers
+    ]
+    try:
+        call()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def test_only_the_embedders_are_modality_specific(tiny_model):
+    modality_words = ("image", "text", "vision", "patch", "token")
+    specific = [name for name, _ in tiny_model.named_parameters() if any(w in name for w in modality_words)]
+    assert specific and all(name.startswith("embeddings.") for name in specific), specific
+    # exactly one tower and one head
+    assert len([m for m in tiny_model.modules() if isinstance(m, OneREncoderLayer)]) == tiny_model.config.num_hidden_layers
+    assert sum(1 for name, _ in tiny_model.named_modules() if name == "head") == 1
+
+
+def test_same_layers_encode_images_texts_and_joint_sequences(tiny_model, tiny_config):
+    pixel_values, input_ids, attention_mask = _inputs(tiny_config)
+    layer_ids = [id(layer) for layer in tiny_model.encoder.layers]
+    n_patches, length = tiny_config.num_patches, input_ids.shape[1]
+    with torch.no_grad():
+        image = _sequence_lengths_seen_by_layers(tiny_model, lambda: tiny_model.get_image_features(pixel_values))
+        text = _sequence_lengths_seen_by_layers(
+            tiny_model, lambda: tiny_model.get_text_features(input_ids, attention_mask)
+        )
+        joint = _sequence_lengths_seen_by_layers(
+            tiny_model, lambda: tiny_model.get_multimodal_features(input_ids, pixel_values, attention_mask)
+        )
+    assert [m for m, _ in image] == [m for m, _ in text] == [m for m, _ in joint] == layer_ids
+    assert {n for _, n in image} == {1 + n_patches}
+    assert {n for _, n in text} == {1 + length}
+    # ONE joint sequence per pair, not two encodings fused afterwards
+    assert {n for _, n in joint} == {1 + n_patches + length}
+
+
+def test_gradients_from_each_modality_reach_every_shared_weight(tiny_model, tiny_config):
+    pixel_values, input_ids, attention_mask = _inputs(tiny_config)
+    tiny_model.train()
+    for features in (
+        lambda: tiny_model.get_image_features(pixel_values),
+        lambda: tiny_model.get_text_features(input_ids, attention_mask),
+    ):
+        tiny_model.zero_grad()
+        features().square().sum().backward()
+        for name, parameter in tiny_model.named_parameters():
+            if name.startswith(("encoder.", "post_layernorm.", "head.")):
+                assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_forward_has_clip_fields_and_loss(tiny_model, tiny_config):
+    pixel_values, input_ids, attention_mask = _inputs(tiny_config)
+    out = tiny_model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, return_loss=True)
+    assert out.logits_per_image.shape == (3, 3) and torch.equal(out.logits_per_text, out.logits_per_image.t())
+    assert out.image_embeds.shape == out.text_embeds.shape == (3, tiny_config.projection_dim)
+    torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(3))
+    expected = tiny_model.logit_scale.exp() * out.image_embeds @ out.text_embeds.t()
+    torch.testing.assert_close(out.logits_per_image, expected)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert out.vision_model_output.last_hidden_state.shape[1] == 1 + tiny_config.num_patches
+    as_tuple = tiny_model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], out.logits_per_image)
+
+
+def test_forward_scores_any_number_of_texts_per_image(tiny_model, tiny_config):
+    pixel_values, input_ids, attention_mask = _inputs(tiny_config)
+    out = tiny_model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values[:1])
+    assert out.logits_per_image.shape == (1, 3)
+
+
+def test_padding_does_not_change_text_embeddings(tiny_model, tiny_config):
+    _, input_ids, _ = _inputs(tiny_config, batch=1, length=4, pad_last=0)
+    padded = torch.cat([input_ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        short = tiny_model.get_text_features(input_ids)
+        long = tiny_model.get_text_features(padded, mask)
+    torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-5)
+
+
+def test_multimodal_embedding_is_not_a_mix_of_separate_encodings(tiny_model, tiny_config):
+    pixel_values, input_ids, attention_mask = _inputs(tiny_config)
+    with torch.no_grad():
+        joint = tiny_model.get_multimodal_features(input_ids, pixel_values, attention_mask)
+        image = tiny_model.get_image_features(pixel_values)
+        text = tiny_model.get_text_features(input_ids, attention_mask)
+    assert joint.shape == image.shape
+    assert not torch.allclose(joint, image, atol=1e-4) and not torch.allclose(joint, text, atol=1e-4)
+
+
+def test_cross_modal_attention_lets_each_modality_see_only_the_other(tiny_config):
+    config = OneRConfig(**{**tiny_config.to_dict(), "_attn_implementation": "eager"})
+    model = OneRModel(config).eval()
+    model.set_attn_implementation("eager")
+    pixel_values, input_ids, attention_mask = _inputs(config)
+    out = model.forward_features(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixel_values,
+        cross_modal_attention=True,
+        output_attentions=True,
+    )
+    n = config.num_patches
+    images, texts = slice(1, 1 + n), slice(1 + n, None)
+    for weights in out.attentions:  # (batch, heads, query, key)
+        assert weights[:, :, images, images].abs().max() == 0
+        assert weights[:, :, texts, texts].abs().max() == 0
+        assert weights[:, :, images, 0].abs().max() == 0  # tokens do not read [CLS] either
+        assert weights[-1, :, :, -2:].abs().max() == 0  # padding is never attended
+        assert (weights[:, :, 0, :].sum(-1) - 1).abs().max() < 1e-5  # [CLS] reads everything
+    full = model.forward_features(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+    assert not torch.allclose(full.pooler_output, out.pooler_output)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_eager_and_sdpa_agree(tiny_model, tiny_config, cross):
+    pixel_values, input_ids, attention_mask = _inputs(tiny_config)
+    results = {}
+    for implementation in ("eager", "sdpa"):
+        tiny_model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            results[implementation] = (
+                tiny_model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits_per_image,
+                tiny_model.get_multimodal_features(input_ids, pixel_values, attention_mask, cross_modal_attention=cross),
+            )
+    for eager, sdpa in zip(results["eager"], results["sdpa"]):
+        torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_same_loss_and_gradients(tiny_config):
+    pixel_values, input_ids, attention_mask = _inputs(tiny_config)
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = OneRModel(tiny_config).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert model.is_gradient_checkpointing
+        out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, return_loss=True)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_logits_and_scale_in_fp32(tiny_model, tiny_config, dtype):
+    pixel_values, input_ids, attention_mask = _inputs(tiny_config)
+    with torch.autocast("cpu", dtype=dtype):
+        out = tiny_model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, return_loss=True)
+    assert out.logits_per_image.dtype == torch.float32 and out.loss.dtype == torch.float32
+    assert torch.isfinite(out.loss)
+    reference = tiny_model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+    torch.testing.assert_close(out.logits_per_image, reference.logits_per_image, atol=0.5, rtol=0.1)
+
+
+def test_patch_features_make_a_text_to_patch_map(tiny_model, tiny_config):
+    pixel_values, input_ids, attention_mask = _inputs(tiny_config)
+    with torch.no_grad():
+        patches = tiny_model.get_patch_features(pixel_values)
+        text = tiny_model.get_text_features(input_ids, attention_mask)
+    assert patches.shape == (3, tiny_config.num_patches, tiny_config.projection_dim)
+    similarity = torch.einsum(
+        "bpd,bd->bp", torch.nn.functional.normalize(patches, dim=-1), torch.nn.functional.normalize(text, dim=-1)
+    )
+    assert similarity.shape == (3, tiny_config.num_patches) and similarity.abs().max() <= 1 + 1e-5
+
+
+def test_interpolated_position_embeddings_accept_other_sizes(tiny_model, tiny_config):
+    pixel_values = torch.randn(2, 3, tiny_config.image_size * 2, tiny_config.image_size * 2)
+    with pytest.raises(ValueError, match="interpolate_pos_encoding"):
+        tiny_model.get_image_features(pixel_values)
+    features = tiny_model.get_image_features(pixel_values, interpolate_pos_encoding=True)
+    assert features.shape == (2, tiny_config.projection_dim)
+    same = torch.randn(2, 3, tiny_config.image_size, tiny_config.image_size)
+    torch.testing.assert_close(
+        tiny_model.get_image_features(same), tiny_model.get_image_features(same, interpolate_pos_encoding=True)
+    )
+
+
+@pytest.mark.parametrize("modality_embeddings,head", [(False, "linear"), (True, "mlp")])
+def test_switches_for_inferred_parts(tiny_config, modality_embeddings, head):
+    config = OneRConfig(**{**tiny_config.to_dict(), "use_modality_embeddings": modality_embeddings, "projection_head": head})
+    model = OneRModel(config)
+    assert (model.embeddings.modality_embedding is not None) == modality_embeddings
+    pixel_values, input_ids, attention_mask = _inputs(config)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, return_loss=True)
+    assert torch.isfinite(out.loss)
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_bad_inputs_get_clear_errors(tiny_model, tiny_config):
+    pixel_values, input_ids, attention_mask = _inputs(tiny_config)
+    cases = [
+        (dict(), ValueError, "pixel_values, input_ids or both"),
+        (dict(pixel_values=[[1.0]]), TypeError, "torch.Tensor"),
+        (dict(pixel_values=pixel_values[:, :1]), ValueError, "1 channels but the model expects 3"),
+        (dict(pixel_values=pixel_values[:0]), ValueError, "empty batch"),
+        (dict(pixel_values=pixel_values[0]), ValueError, "batch, channels, height, width"),
+        (dict(pixel_values=pixel_values[..., :8, :8]), ValueError, "8x8 but the model expects 16x16"),
+        (dict(input_ids=["a red apple"]), TypeError, "input_ids must be a torch.Tensor"),
+        (dict(input_ids=input_ids.float()), TypeError, "integer token ids"),
+        (dict(input_ids=torch.ones(2, 40, dtype=torch.long)), ValueError, "40 tokens long"),
+        (dict(input_ids=input_ids, attention_mask=attention_mask[:, :2]), ValueError, "does not match"),
+        (dict(input_ids=input_ids, attention_mask=torch.zeros_like(attention_mask)), ValueError, "no tokens"),
+        (dict(input_ids=input_ids, pixel_values=pixel_values[:2], return_loss=True), ValueError, "one text per image"),
+        (dict(input_ids=input_ids, return_loss=True), ValueError, "needs both"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            tiny_model(**kwargs)
+    with pytest.raises(ValueError, match="one text per image: got 2 images and 3 texts"):
+        tiny_model.get_multimodal_features(input_ids, pixel_values[:2], attention_mask)
+    with pytest.raises(ValueError, match="joint input"):
+        tiny_model.forward_features(pixel_values=pixel_values, cross_modal_attention=True)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(hidden_size=30, num_attention_heads=4), "divisible by num_attention_heads"),
+        (dict(image_size=30, patch_size=4), "divisible by patch_size"),
+        (dict(projection_head="transformer"), "projection_head must be one of"),
+        (dict(num_hidden_layers=0), "positive integer"),
+    ],
+)
+def test_bad_configs_get_clear_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        OneRConfig.from_preset("tiny", **overrides)
+
+
+def test_presets():
+    tiny, base = OneRConfig.from_preset("tiny"), OneRConfig.from_preset("base-patch16-224")
+    assert (base.hidden_size, base.num_hidden_layers, base.num_attention_heads) == (768, 12, 12)
+    assert (base.image_size, base.patch_size, base.num_patches, base.max_position_embeddings) == (224, 16, 196, 78)
+    assert tiny.image_size == 64 and tiny.hidden_size == 256
+    with pytest.raises(ValueError, match="unknown preset"):
+        OneRConfig.from_preset("huge")
