@@ -66,7 +66,7 @@ def array_to_rgb(array: np.ndarray) -> Image.Image:
     if array.ndim not in (2, 3):
         raise ValueError(f"an image array must be (H, W), (H, W, C) or (C, H, W), got shape {array.shape}")
     if array.ndim == 3 and array.shape[-1] not in (3, 4):
-        raise ValueError(f"an image must have 1, 3 or 4 channels, got {array.shape[-1]} (shape {array.shape})")
+        raise ValueError(f"an image must have 1, 3 or 4 channels on its first or last axis, got shape {array.shape}")
     if array.size == 0:
         raise ValueError(f"image array is empty (shape {array.shape})")
     if array.dtype == np.uint16:

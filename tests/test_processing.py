@@ -1,0 +1,163 @@
+"""OneRProcessor: every image kind and mode, the tokenizer, the token-stream description, bad input."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from processing_oner import build_processor, to_rgb_image
+from processing_oner.tokenizer import VOCAB_FILE, build_tokenizer
+
+
+def _rgb_at(image: Image.Image, xy=(0, 0)) -> tuple:
+    return to_rgb_image(image).getpixel(xy)
+
+
+def test_transparent_modes_are_composited_on_white():
+    transparent_red = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert _rgb_at(transparent_red) == (255, 255, 255)
+    half_red = Image.new("RGBA", (4, 4), (255, 0, 0, 128))
+    assert _rgb_at(half_red)[0] == 255 and 120 < _rgb_at(half_red)[1] < 135
+    transparent_black = Image.new("LA", (4, 4), (0, 0))
+    assert _rgb_at(transparent_black) == (255, 255, 255)
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 0] + [255, 0, 0] * 255)
+    palette.info["transparency"] = 0
+    assert _rgb_at(palette) == (255, 255, 255)
+
+
+def test_other_pil_modes_become_rgb():
+    assert _rgb_at(Image.new("L", (3, 3), 10)) == (10, 10, 10)
+    assert _rgb_at(Image.new("1", (3, 3), 1)) == (255, 255, 255)
+    assert _rgb_at(Image.new("CMYK", (3, 3), (0, 0, 0, 0))) == (255, 255, 255)
+    wide = Image.fromarray(np.full((3, 3), 65535, dtype=np.uint16))
+    assert wide.mode == "I;16" and _rgb_at(wide) == (255, 255, 255)
+    mid = Image.fromarray(np.full((3, 3), 32896, dtype=np.uint16))
+    assert _rgb_at(mid) == (128, 128, 128)
+    palette = Image.new("P", (3, 3), 1)
+    palette.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    assert _rgb_at(palette) == (0, 255, 0)
+    assert _rgb_at(Image.new("YCbCr", (3, 3), (255, 128, 128)))[0] > 250
+
+
+def test_arrays_and_tensors_in_any_layout():
+    hwc = np.zeros((5, 7, 3), dtype=np.uint8)
+    hwc[..., 0] = 255
+    assert to_rgb_image(hwc).size == (7, 5) and _rgb_at(to_rgb_image(hwc)) == (255, 0, 0)
+    chw = torch.zeros(3, 5, 7)
+    chw[1] = 1.0
+    assert to_rgb_image(chw).size == (7, 5) and _rgb_at(to_rgb_image(chw)) == (0, 255, 0)
+    assert _rgb_at(to_rgb_image(np.full((4, 4), 0.5))) == (128, 128, 128)
+    rgba = np.zeros((2, 2, 4), dtype=np.uint8)  # fully transparent black
+    assert _rgb_at(to_rgb_image(rgba)) == (255, 255, 255)
+    assert _rgb_at(to_rgb_image(np.full((2, 2), 65535, dtype=np.uint16))) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(
+    "image,error,message",
+    [
+        (np.zeros((8, 8, 5), dtype=np.uint8), ValueError, "1, 3 or 4 channels"),
+        (np.zeros((5, 8, 8), dtype=np.uint8), ValueError, "1, 3 or 4 channels"),
+        (np.zeros((2, 3, 4, 4, 4), dtype=np.uint8), ValueError, "must be"),
+        (np.full((4, 4, 3), np.nan), ValueError, "NaN"),
+        ("cat.png", TypeError, "PIL images, numpy arrays or torch tensors"),
+        (Image.new("RGB", (0, 3)), ValueError, "zero size"),
+    ],
+)
+def test_bad_images_get_clear_errors(tiny_processor, image, error, message):
+    with pytest.raises(error, match=message):
+        tiny_processor(images=[image])
+
+
+def test_images_of_any_size_become_model_sized_pixels(tiny_processor, tiny_config):
+    images = [Image.new("RGB", (300, 20), "red"), Image.new("RGBA", (5, 9)), np.zeros((64, 64, 3), np.uint8)]
+    pixel_values = tiny_processor(images=images)["pixel_values"]
+    assert pixel_values.shape == (3, 3, tiny_config.image_size, tiny_config.image_size)
+    assert pixel_values.dtype == torch.float32
+    # a batched 4-D tensor or a single image work too
+    assert tiny_processor(images=torch.rand(2, 3, 20, 20))["pixel_values"].shape[0] == 2
+    assert tiny_processor(images=Image.new("L", (8, 8)))["pixel_values"].shape[0] == 1
+
+
+def test_png_round_trip_of_every_mode(tiny_processor):
+    for mode in ("RGB", "RGBA", "LA", "L", "P", "I;16", "CMYK", "1"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (10, 10), "blue").convert(mode).save(buffer, format="TIFF" if mode == "CMYK" else "PNG")
+        buffer.seek(0)
+        assert tiny_processor(images=Image.open(buffer))["pixel_values"].shape[0] == 1, mode
+
+
+def test_tokenizer_is_bert_uncased_wordpiece_without_special_tokens(tiny_processor):
+    tokenizer = tiny_processor.tokenizer
+    assert len(VOCAB_FILE.read_text().splitlines()) == 30522 == len(tokenizer)
+    assert tokenizer.tokenize("A Red APPLE!") == ["a", "red", "apple", "!"]
+    encoded = tiny_processor(text=["red apple", "grinning face with big eyes"])
+    assert set(encoded) == {"input_ids", "attention_mask", "modality_ids", "stream_attention_mask"}
+    assert tokenizer.cls_token_id not in encoded["input_ids"].tolist()[0]
+    assert encoded["attention_mask"].tolist() == [[1, 1, 0, 0, 0], [1] * 5]
+    assert tokenizer.convert_tokens_to_ids("[MASK]") == 103 and tokenizer.pad_token_id == 0
+
+
+def test_over_long_text_is_truncated_with_a_warning(tiny_processor, tiny_config):
+    long_text = " ".join(["apple"] * 100)
+    with pytest.warns(UserWarning, match="truncated"):
+        encoded = tiny_processor(text=[long_text, "pear"])
+    assert encoded["input_ids"].shape == (2, tiny_config.max_position_embeddings)
+
+
+def test_stream_layout_for_each_input_kind(tiny_processor, tiny_config, tiny_model):
+    n = tiny_config.num_patches
+    images = [Image.new("RGB", (20, 20), c) for c in ("red", "green")]
+    texts = ["red apple", "a green leaf on a tree"]
+    image_only = tiny_processor(images=images)
+    assert image_only["modality_ids"].tolist()[0] == [0] + [1] * n
+    text_only = tiny_processor(text=texts)
+    assert text_only["modality_ids"].tolist()[0] == [0] + [2] * text_only["input_ids"].shape[1]
+    joint = tiny_processor(text=texts, images=images)
+    length = joint["input_ids"].shape[1]
+    assert joint["modality_ids"].shape == joint["stream_attention_mask"].shape == (2, 1 + n + length)
+    assert joint["stream_attention_mask"][0, 1 + n :].tolist() == joint["attention_mask"][0].tolist()
+    # the processor's output feeds the model directly, for scoring and for joint encoding
+    assert tiny_model(**joint).logits_per_image.shape == (2, 2)
+    tiny_model.get_multimodal_features(**joint)
+    # n images vs m labels: no joint stream unless asked for
+    scoring = tiny_processor(text=["a", "b", "c"], images=images)
+    assert "modality_ids" not in scoring and tiny_model(**scoring).logits_per_image.shape == (2, 3)
+    with pytest.raises(ValueError, match="one text per image: got 2 images and 3 texts"):
+        tiny_processor(text=["a", "b", "c"], images=images, joint=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(), ValueError, "text, images or both"),
+        (dict(text=[]), ValueError, "text is an empty list"),
+        (dict(images=[]), ValueError, "images is an empty list"),
+        (dict(text=["ok", 3]), TypeError, "text 1 is a int"),
+        (dict(text=7), TypeError, "string or a list of strings"),
+        (dict(text=["fine", "   "]), ValueError, r"positions \[1\] are empty"),
+        (dict(text="x", return_tensors="np"), ValueError, "PyTorch tensors only"),
+    ],
+)
+def test_bad_text_gets_clear_errors(tiny_processor, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        tiny_processor(**kwargs)
+
+
+def test_processor_round_trips_through_save_pretrained(tmp_path, tiny_processor):
+    from processing_oner import OneRProcessor
+
+    tiny_processor.save_pretrained(tmp_path)
+    loaded = OneRProcessor.from_pretrained(tmp_path)
+    assert loaded.patch_size == tiny_processor.patch_size and loaded.image_size == tiny_processor.image_size
+    image = Image.new("RGB", (33, 21), "orange")
+    a, b = tiny_processor(text=["red apple"], images=[image]), loaded(text=["red apple"], images=[image])
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+
+
+def test_missing_vocabulary_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vocabulary not found"):
+        build_tokenizer(16, tmp_path / "nope.txt")
