@@ -443,3 +443,20 @@ def test_text_augment():
     assert TextAugment(whole_word_mask_p=1.0, seed=0)("joy") == "joy"  # one word: never masked
     texts = {TextAugment(seed=s, whole_word_mask_p=0.0)(sample) for s in range(20)}
     assert texts == set(sample["captions"])  # alias choice reaches every caption
+
+
+def test_counts_made_in_dataloader_workers_reach_the_main_process(tmp_path):
+    folder = tmp_path / "f"
+    names = _write_good_pngs(folder, 4)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_bytes(b"not an image")
+    with open(folder / "metadata.jsonl", "w") as meta:
+        for n in [*names, "empty.png", "text.png"]:
+            meta.write(json.dumps({"file_name": n, "text": f"caption {n}"}) + "\n")
+    ds = load_image_text_dataset(str(folder))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=2, num_workers=2, collate_fn=ImageTextCollator(StandInProcessor(), stats=ds.stats)
+    )
+    kept = sum(len(b["input_ids"]) for b in loader if b is not None)
+    d = ds.stats.as_dict()
+    assert kept == 4 and d["ok"] == 4 and d["empty_file"] == 1 and d["not_an_image"] == 1
