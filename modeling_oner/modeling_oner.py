@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
@@ -283,6 +284,17 @@ class OneRPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_attention_backend = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            # safetensors' own message ("invalid header length") does not say which file or what to do.
+            raise OSError(
+                f"the weights in {pretrained_model_name_or_path} are damaged or incomplete ({error}); "
+                "save or download the model folder again"
+            ) from error
 
     def _init_weights(self, module: nn.Module) -> None:
         # torch.nn.init only: transformers 5 skips parameters that were loaded from a checkpoint,
