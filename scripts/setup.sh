@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Sets up everything OneR needs on a fresh machine, idempotently, in ./.venv.
+#   bash scripts/setup.sh          # training, evaluation and the demo
+#   bash scripts/setup.sh --test   # the same plus the test tools (and Debian's chromium for the browser test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras="train,demo"
+if [[ "${1:-}" == "--test" ]]; then
+    extras="test"
+    if [[ ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then
+        echo "setup: installing Debian's chromium for the demo's browser test"
+        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+    python3 -m venv .venv
+fi
+# torch FIRST and pinned: 2.13.0 resolves to the CPU wheel here; a bare "torch" (or anything that
+# pulls torchvision) resolves to a multi-GB CUDA build.
+.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
+.venv/bin/pip install -q --disable-pip-version-check -e ".[${extras}]"
+echo "setup: ready (.venv, extras: ${extras})"
