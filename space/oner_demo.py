@@ -144,7 +144,10 @@ NO_IMAGE = "No image: upload an image or click one of the examples."
 def image_error_message(error: BaseException) -> str:
     """A user-facing message for an exception raised while opening an upload."""
     if isinstance(error, Image.DecompressionBombError):
-        return "The image is far too large to open safely. Please upload a smaller image."
+        return (
+            f"The image is too large to open safely; this demo accepts images up to {MAX_PIXELS / 1e6:.0f} "
+            "megapixels. Please upload a smaller image."
+        )
     return NOT_AN_IMAGE
 
 

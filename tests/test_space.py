@@ -1,0 +1,395 @@
+"""The Gradio Space: inference functions, the served app driven by gradio_client, and a small load test."""
+
+from __future__ import annotations
+
+import ast
+import concurrent.futures
+import json
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SPACE = REPO / "space"
+EX = SPACE / "examples"
+sys.path.insert(0, str(SPACE))
+
+import oner_demo  # noqa: E402
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def huge_png_header(path: Path, width: int = 20000, height: int = 20000) -> Path:
+    """A PNG whose header claims width x height: opening reads the size, the pixels are never there.
+
+    Lets the tests send a "20000x20000 image" without allocating 1.2 GB to make one.
+    """
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def bundle(tiny_model_dir):
+    """The tiny test model, loaded as a user does and made active for the demo functions."""
+    return oner_demo.activate(oner_demo.load_model(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def module_model_dir(tmp_path_factory):
+    """A tiny model folder shared by the module's served app (same model as `tiny_model_dir`)."""
+    from conftest import TINY
+    from modeling_oner import OneRConfig
+    from oner.model_folder import init_model_folder
+
+    return init_model_folder(OneRConfig.from_preset("tiny", **TINY), tmp_path_factory.mktemp("space") / "tiny", seed=0)
+
+
+# ----------------------------------------------------------------------------------- unit: input checks
+
+
+def test_parse_labels_dedupes_and_caps():
+    assert oner_demo.parse_labels(" cat, dog ,, cat,red apple ") == ["cat", "dog", "red apple"]
+    with pytest.raises(oner_demo.InputError, match="empty"):
+        oner_demo.parse_labels(" , ,")
+    with pytest.raises(oner_demo.InputError, match="Too many labels: 500 given"):
+        oner_demo.parse_labels(", ".join(f"label {i}" for i in range(500)))
+
+
+def test_template_needs_a_slot():
+    assert oner_demo.apply_template("a photo of a {}.", "cat") == "a photo of a cat."
+    assert oner_demo.apply_template("", "cat") == "cat"
+    with pytest.raises(oner_demo.InputError, match="must contain {}"):
+        oner_demo.apply_template("a photo", "cat")
+
+
+def test_clean_text_refuses_empty_and_very_long():
+    assert oner_demo.clean_text("  rocket ", "phrase") == "rocket"
+    for empty in ("", "   ", None):
+        with pytest.raises(oner_demo.InputError, match="phrase is empty"):
+            oner_demo.clean_text(empty, "phrase")
+    with pytest.raises(oner_demo.InputError, match="characters long"):
+        oner_demo.clean_text("x" * 1000, "phrase")
+
+
+def test_open_image_refuses_missing_broken_and_huge(tmp_path):
+    with pytest.raises(oner_demo.InputError, match="No image"):
+        oner_demo.open_image(None)
+    text_file = tmp_path / "notes.png"
+    text_file.write_text("not an image at all")
+    with pytest.raises(oner_demo.InputError, match="not an image"):
+        oner_demo.open_image(str(text_file))
+    huge = huge_png_header(tmp_path / "huge.png")
+    with pytest.raises(oner_demo.InputError, match="too large to open safely; .* up to 40 megapixels"):
+        oner_demo.open_image(str(huge))
+    # Over our limit but under PIL's own: refused from the header, with the size in the message.
+    large = huge_png_header(tmp_path / "large.png", 7000, 7000)
+    with pytest.raises(oner_demo.InputError, match=r"7000x7000 \(49 megapixels\)"):
+        oner_demo.open_image(str(large))
+
+
+def test_open_image_downscales_and_flattens(tmp_path):
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (3000, 2000), "red").save(big, quality=80)
+    image = oner_demo.open_image(str(big))
+    assert max(image.size) == oner_demo.WORK_SIDE and image.mode == "RGB"
+    assert image.size[0] / image.size[1] == pytest.approx(1.5, rel=0.01)  # aspect kept
+    transparent = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+    assert oner_demo.open_image(transparent).getpixel((5, 5)) == (255, 255, 255)
+    assert oner_demo.open_image(np.zeros((10, 12, 3), dtype=np.uint8)).size == (12, 10)
+
+
+# ----------------------------------------------------------------------------------- unit: the functions
+
+
+def test_classify_ranks_probabilities(bundle):
+    probs = oner_demo.classify(str(EX / "openmoji_cat_face.png"), "cat face, dog face, rocket, cat face", "a {}")
+    assert list(probs) == sorted(probs, key=probs.get, reverse=True)
+    assert set(probs) == {"cat face", "dog face", "rocket"}
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_classify_matches_the_model_forward(bundle):
+    """The demo's softmax is the model's own CLIP-style logits_per_image softmax."""
+    labels = ["cat face", "rocket", "sun"]
+    image = Image.open(EX / "openmoji_cat_face.png").convert("RGB")
+    inputs = bundle.processor(text=labels, images=[image], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        expected = bundle.model(**inputs).logits_per_image.softmax(-1)[0].tolist()
+    got = oner_demo.classify(image, ", ".join(labels), "{}")
+    assert [got[label] for label in labels] == pytest.approx(expected, abs=1e-5)
+
+
+def test_localize_heatmap_is_text_to_patch_cosine(bundle):
+    path = EX / "composite_cat_apple_rocket.png"
+    overlay, summary = oner_demo.localize(str(path), "rocket")
+    assert overlay.size == (oner_demo.HEATMAP_SIDE, oner_demo.HEATMAP_SIDE)
+    grid = bundle.grid
+    sim = oner_demo.patch_similarity(bundle, oner_demo.open_image(str(path)), "rocket")
+    assert sim.shape == (grid, grid)
+    # The same numbers straight from the model's API.
+    pixels = bundle.processor(images=[Image.open(path).convert("RGB")], return_tensors="pt")["pixel_values"]
+    text = bundle.processor(text=["rocket"], return_tensors="pt")
+    with torch.inference_mode():
+        patches = torch.nn.functional.normalize(bundle.model.get_patch_features(pixel_values=pixels)[0], dim=-1)
+        words = torch.nn.functional.normalize(
+            bundle.model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])[0], dim=-1
+        )
+    np.testing.assert_allclose(sim.ravel(), (patches @ words).numpy(), atol=1e-5)
+    row, col = np.unravel_index(sim.argmax(), sim.shape)
+    assert f"row {row + 1}, column {col + 1} of a {grid}x{grid} grid" in summary
+
+
+def test_overlay_marks_the_best_patch():
+    sim = np.zeros((4, 4), dtype=np.float32)
+    sim[3, 0] = 1.0
+    overlay = oner_demo.overlay_heatmap(Image.new("RGB", (64, 64), "white"), sim, side=64)
+    assert overlay.getpixel((0, 63)) == (255, 0, 0)  # box outline at the bottom-left cell
+    assert overlay.getpixel((40, 10)) != (255, 0, 0)
+
+
+def test_retrieval_both_ways_and_cached_gallery(bundle):
+    results = oner_demo.search_images("red apple")
+    assert len(results) == oner_demo.TOP_K
+    assert all(Path(path).is_file() and " · p " in caption for path, caption in results)
+    gallery = bundle.gallery()
+    assert bundle.gallery() is gallery  # embedded once
+    captions = oner_demo.search_captions(str(EX / "openmoji_red_apple.png"))
+    assert len(captions) == oner_demo.TOP_K and set(captions) <= set(gallery.captions)
+
+
+def test_multimodal_query_is_one_joint_sequence(bundle):
+    joint, image_only, text_only = oner_demo.multimodal_search(str(EX / "openmoji_cat_face.png"), "dog")
+    assert len(joint) == len(image_only) == len(text_only) == oner_demo.TOP_K
+    image = oner_demo.open_image(str(EX / "openmoji_cat_face.png"))
+    pixels = bundle.processor(images=[image], return_tensors="pt")["pixel_values"]
+    text = bundle.processor(text=["dog"], return_tensors="pt")
+    with torch.inference_mode():
+        query = torch.nn.functional.normalize(
+            bundle.model.get_multimodal_features(
+                input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=pixels
+            ),
+            dim=-1,
+        )
+    best = int((query @ bundle.gallery().image_embeds.T).argmax())
+    assert joint[0][0] == str(bundle.gallery().files[best])
+
+
+def test_functions_refuse_bad_input(bundle, tmp_path):
+    image = str(EX / "openmoji_cat_face.png")
+    with pytest.raises(oner_demo.InputError, match="No image"):
+        oner_demo.classify(None, "cat", "{}")
+    with pytest.raises(oner_demo.InputError, match="label list is empty"):
+        oner_demo.classify(image, "", "{}")
+    with pytest.raises(oner_demo.InputError, match="phrase is empty"):
+        oner_demo.localize(image, "  ")
+    with pytest.raises(oner_demo.InputError, match="text query is empty"):
+        oner_demo.search_images("")
+    with pytest.raises(oner_demo.InputError, match="megapixels"):
+        oner_demo.search_captions(str(huge_png_header(tmp_path / "huge.png")))
+    with pytest.raises(oner_demo.InputError, match="phrase is empty"):
+        oner_demo.multimodal_search(image, "")
+
+
+# ----------------------------------------------------------------------------------- unit: model choice, Space folder
+
+
+def test_resolve_model_order(monkeypatch, tmp_path):
+    monkeypatch.setattr(oner_demo, "DEFAULT_LOCAL_MODEL", tmp_path / "outputs" / "oner-tiny-embedded")
+    assert oner_demo.resolve_model("cli", {"ONER_MODEL": "env"}) == "cli"
+    assert oner_demo.resolve_model(None, {"ONER_MODEL": "env"}) == "env"
+    with pytest.raises(SystemExit) as exit_info:
+        oner_demo.resolve_model(None, {})
+    hint = str(exit_info.value)
+    assert "\n" not in hint and "accelerate launch train.py" in hint and "oner-init --preset tiny" in hint
+    (tmp_path / "outputs" / "oner-tiny-embedded").mkdir(parents=True)
+    (tmp_path / "outputs" / "oner-tiny-embedded" / "config.json").write_text("{}")
+    assert oner_demo.resolve_model(None, {}) == str(tmp_path / "outputs" / "oner-tiny-embedded")
+
+
+def test_space_serves_the_model_in_its_card(monkeypatch, tmp_path):
+    monkeypatch.setattr(oner_demo, "DEFAULT_LOCAL_MODEL", tmp_path / "absent")
+    card_model = oner_demo.space_model_id()
+    assert card_model and "/" in card_model
+    assert oner_demo.resolve_model(None, {"SPACE_ID": "someone/oner-demo"}) == card_model
+    inline = tmp_path / "README.md"
+    inline.write_text("---\nsdk: gradio\nmodels: [a/b, c/d]\n---\n")
+    assert oner_demo.space_model_id(inline) == "a/b"
+
+
+def test_space_folder_is_self_contained():
+    """A Space only has space/: its code must not import this repository's packages."""
+    for path in SPACE.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in {"oner", "modeling_oner", "processing_oner"}, (path.name, name)
+    files, captions = oner_demo.read_gallery_file()
+    assert len(files) >= 10 and all(f.is_file() for f in files) and len(set(captions)) == len(captions)
+
+
+def test_space_card_and_requirements():
+    import gradio
+
+    front = (SPACE / "README.md").read_text().split("---")[1]
+    fields = dict(line.split(":", 1) for line in front.splitlines() if ":" in line and not line.startswith(" "))
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    assert fields["sdk"] == "gradio"
+    assert fields["sdk_version"] == gradio.__version__
+    assert fields["app_file"] == "app.py"
+    assert "license" in fields and "models" in fields
+    requirements = (SPACE / "requirements.txt").read_text().lower()
+    for package in ("torch", "transformers", "pillow", "numpy", "gradio"):
+        assert package in requirements
+    assert "oner" not in requirements.replace("oner_demo", "")
+
+
+# ----------------------------------------------------------------------------------- the served app
+
+
+@pytest.fixture(scope="module")
+def served(module_model_dir):
+    """The app launched in-process on 127.0.0.1 (a free port); yields its URL."""
+    import app
+
+    oner_demo.activate(oner_demo.load_model(module_model_dir))
+    demo = app.build_demo(str(module_model_dir))
+    app.launch(demo, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from gradio_client import Client
+
+    return Client(served, verbose=False)
+
+
+def test_app_drives_every_tab(client):
+    from gradio_client import handle_file
+
+    cat = handle_file(str(EX / "openmoji_cat_face.png"))
+    result = client.predict(cat, "cat face, dog face, rocket", "{}", api_name="/classify")
+    assert {c["label"] for c in result["confidences"]} == {"cat face", "dog face", "rocket"}
+    heatmap, summary = client.predict(
+        handle_file(str(EX / "composite_cat_apple_rocket.png")), "rocket", api_name="/localize"
+    )
+    assert Image.open(heatmap).size == (oner_demo.HEATMAP_SIDE, oner_demo.HEATMAP_SIDE)
+    assert summary.startswith("Best patch for 'rocket'")
+    images = client.predict("red apple", api_name="/search_images")
+    assert len(images) == oner_demo.TOP_K and all(Path(item["image"]).is_file() for item in images)
+    captions = client.predict(handle_file(str(EX / "openmoji_red_apple.png")), api_name="/search_captions")
+    assert len(captions["confidences"]) == oner_demo.TOP_K
+    joint, image_only, text_only = client.predict(cat, "dog", api_name="/multimodal_search")
+    assert len(joint) == len(image_only) == len(text_only) == oner_demo.TOP_K
+
+
+def test_app_reports_bad_input_and_keeps_serving(client, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    cat = handle_file(str(EX / "openmoji_cat_face.png"))
+    text_upload = tmp_path / "notes.txt"
+    text_upload.write_text("hello")
+    fake_png = tmp_path / "fake.png"
+    fake_png.write_bytes(b"this is not a png")
+    bad = [
+        ((None, "cat, dog", "{}"), "/classify", "No image"),
+        ((cat, " , ", "{}"), "/classify", "label list is empty"),
+        ((cat, ", ".join(f"l{i}" for i in range(500)), "{}"), "/classify", "Too many labels: 500"),
+        ((handle_file(str(huge_png_header(tmp_path / "huge.png"))), "cat", "{}"), "/classify", "megapixels"),
+        ((handle_file(str(text_upload)), "cat", "{}"), "/classify", "not an image"),
+        ((handle_file(str(fake_png)),), "/search_captions", "not an image"),
+        ((cat, ""), "/localize", "phrase is empty"),
+        (("   ",), "/search_images", "text query is empty"),
+        ((cat, " "), "/multimodal_search", "phrase is empty"),
+    ]
+    for args, api_name, message in bad:
+        with pytest.raises(AppError, match=message):
+            client.predict(*args, api_name=api_name)
+    # Still serving after every error.
+    assert client.predict(cat, "cat, dog", "{}", api_name="/classify")["label"] in {"cat", "dog"}
+
+
+def test_load_20_clients_x_5_requests(served):
+    """20 concurrent clients x 5 classification requests: no errors, latency percentiles printed."""
+    from gradio_client import Client, handle_file
+
+    clients = [Client(served, verbose=False) for _ in range(20)]
+    image = handle_file(str(EX / "openmoji_cat_face.png"))
+
+    def session(client) -> list[float]:
+        latencies = []
+        for _ in range(5):
+            start = time.perf_counter()
+            result = client.predict(image, "cat face, dog face, rocket, sun", "{}", api_name="/classify")
+            latencies.append(time.perf_counter() - start)
+            assert len(result["confidences"]) == 4
+        return latencies
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=20) as pool:
+        latencies = [t for per_client in pool.map(session, clients) for t in per_client]
+    wall = time.perf_counter() - start
+    p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
+    print(
+        f"\nload test: {len(latencies)} requests from 20 clients in {wall:.1f} s; latency p50 {p50 * 1000:.0f} ms, "
+        f"p90 {p90 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms"
+    )
+    assert len(latencies) == 100
+    assert wall < 90  # bounded: a hang or a serialised queue gone wrong fails here, not in CI's timeout
+
+
+def test_cli_serves_on_gradio_server_port(module_model_dir):
+    """`python space/app.py` with ONER_MODEL and GRADIO_SERVER_PORT from the environment."""
+    import os
+    import urllib.request
+
+    port = free_port()
+    env = {**os.environ, "ONER_MODEL": str(module_model_dir), "GRADIO_SERVER_PORT": str(port)}
+    proc = subprocess.Popen(
+        [sys.executable, str(SPACE / "app.py")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2) as response:
+                    config = json.loads(response.read())
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.5)
+        else:
+            pytest.fail("the app did not start within 60 s")
+        assert any(dep.get("api_name") == "classify" for dep in config["dependencies"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
