@@ -1,0 +1,226 @@
+"""Command-line flags of `train.py`, in the style of transformers' and accelerate's examples.
+
+Precedence: built-in defaults (= the embedded default run, also written out in
+`configs/tiny-embedded.yaml`) < a `--config` YAML/JSON file < flags on the command line.
+An unknown flag, an unknown key in the config file or an unknown objective term ends the program
+with one clear message and exit status 2 (argparse's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from oner.objectives import DEFAULT_OBJECTIVE, parse_objective
+
+ARCHITECTURES = ("oner", "clip")
+PRESETS = ("tiny", "base-patch16-224")
+MIXED_PRECISION = ("no", "fp32", "bf16", "fp16")
+
+
+def _bool(value: str) -> bool:
+    """`--flag`, `--flag true`, `--flag false` (and config files' real booleans)."""
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _flag(parser, name: str, default: bool, help: str) -> None:
+    parser.add_argument(name, type=_bool, nargs="?", const=True, default=default, help=help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Pretrain OneR (or the CLIP two-tower baseline). With no arguments: the tiny preset on the "
+        "embedded Twemoji pairs for about 10 minutes, then evaluation and a complete model folder.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("setup")
+    g.add_argument("--config", default=None, help="YAML or JSON file of flag values; flags given here override it")
+    g.add_argument("--preset", default="tiny", choices=PRESETS, help="model size (OneRConfig.from_preset)")
+    g.add_argument("--architecture", default="oner", choices=ARCHITECTURES,
+                   help="oner, or clip: transformers' CLIPModel with each tower sized like the preset (ITC only)")
+    g.add_argument("--config_overrides", default=None,
+                   help="override preset fields, as transformers' run_clm: 'hidden_size=128,num_hidden_layers=2'")
+    g.add_argument("--output_dir", default="outputs/oner-tiny-embedded", help="model folder, checkpoints and logs")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--train_data", default="embedded",
+                   help="'embedded' (Twemoji pairs), an imagefolder (metadata.jsonl/csv), a .csv, .tar shards or a save_to_disk folder")
+    g.add_argument("--image_column", default=None, help="image column (auto-detected when omitted)")
+    g.add_argument("--text_column", default=None, help="caption column (auto-detected when omitted)")
+    g.add_argument("--max_train_samples", type=int, default=None, help="use only the first N pairs")
+    _flag(g, "--image_augment", True, "random resized crop, flip where meaning allows, colour jitter, blur")
+    _flag(g, "--text_augment", True, "pick one of a pair's captions and whole-word-mask it (see --caption_mask_probability)")
+    g.add_argument("--caption_mask_probability", type=float, default=0.15,
+                   help="words of the training caption replaced by [MASK] as augmentation [code]")
+    g.add_argument("--dataloader_num_workers", type=int, default=1)
+
+    g = p.add_argument_group("objective")
+    g.add_argument("--objective", default=DEFAULT_OBJECTIVE,
+                   help="terms joined by '+', each optionally ':weight', from itc, xmc, cic, cmc, mlm (e.g. xmc+cmc:0.5+mlm:0.1)")
+    g.add_argument("--pairwise_loss", default="softmax", choices=("softmax", "sigmoid"),
+                   help="InfoNCE (CLIP) or the pairwise sigmoid loss (SigLIP) for every contrastive term")
+    _flag(g, "--local_loss", False, "score local rows against gathered columns only (open_clip --local-loss)")
+    g.add_argument("--mix_weight", type=float, default=0.5, help="lam of the mixup lam*z_I + (1-lam)*z_T [inferred]")
+    g.add_argument("--mlm_probability", type=float, default=0.15, help="fraction of caption words masked for the mlm term")
+    g.add_argument("--momentum", type=float, default=0.0,
+                   help="EMA target encoder momentum (cosine to 1) producing the mixup targets; 0 = off [inferred]")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max_steps", type=int, default=None, help="optimizer steps (default: from --num_train_epochs or the time budget)")
+    g.add_argument("--num_train_epochs", type=float, default=None, help="passes over the data, when --max_steps is not given")
+    g.add_argument("--max_train_minutes", type=float, default=10.0,
+                   help="wall-clock budget of the training loop; also sets the schedule length when neither --max_steps nor --num_train_epochs is given")
+    g.add_argument("--per_device_batch_size", type=int, default=64, help="pairs per micro-batch per process")
+    g.add_argument("--accum_freq", type=int, default=1,
+                   help="micro-batches per step, with feature caching: negatives from ALL micro-batches (GradCache)")
+    g.add_argument("--learning_rate", type=float, default=5e-4)
+    g.add_argument("--weight_decay", type=float, default=0.1)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.98)
+    g.add_argument("--adam_epsilon", type=float, default=1e-6)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--lr_scheduler_type", default="cosine", choices=("cosine", "linear", "constant"))
+    g.add_argument("--warmup_steps", type=int, default=50)
+    g.add_argument("--mixed_precision", default="no", choices=MIXED_PRECISION,
+                   help="accelerate's mixed precision; fp32 = no. bf16 works on GPUs and on CPUs with AVX-512 BF16")
+    _flag(g, "--gradient_checkpointing", False, "recompute activations in the backward pass (less memory, ~30%% slower)")
+    g.add_argument("--max_nonfinite_steps", type=int, default=5,
+                   help="stop after this many consecutive steps with a NaN/inf loss or gradient (each is skipped)")
+    g.add_argument("--inject_nan_steps", default="", help=argparse.SUPPRESS)  # testing aid: "3,4" poisons those steps' loss
+
+    g = p.add_argument_group("checkpoints and tracking")
+    g.add_argument("--checkpointing_steps", type=int, default=100, help="save a resumable checkpoint every N steps; 0 = never")
+    g.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep the last N checkpoints")
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument("--report_to", default="tensorboard", help="accelerate trackers: tensorboard, all or none")
+
+    g = p.add_argument_group("evaluation and sharing")
+    _flag(g, "--do_eval", True, "run the benchmark suites on the final model folder")
+    g.add_argument("--eval_max_items", type=int, default=None, help="cap each evaluation suite (quick runs)")
+    _flag(g, "--push_to_hub", False, "upload the final folder with oner.hub.push_folder")
+    g.add_argument("--hub_model_id", default=None, help="owner/name on the Hub (needed with --push_to_hub)")
+    _flag(g, "--hub_private", False, "create the Hub repository as private")
+    return p
+
+
+def _load_config_file(path: str) -> dict:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise SystemExit(f"train.py: error: --config {path}: no such file")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
+        raise SystemExit(f"train.py: error: --config {path}: not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {e}")
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"train.py: error: --config {path}: expected a mapping of flag names to values")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags (and `--config`), validate them, and return the namespace.
+
+    Exits with status 2 and one message on any error (unknown flag or config key, bad value,
+    unknown objective term).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        values = _load_config_file(first.config)
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(k.replace("-", "_") for k in values) - known - {"config"})
+        if unknown:
+            parser.error(f"--config {first.config}: unknown keys {unknown}")
+        defaults = {k.replace("-", "_"): v for k, v in values.items() if k != "config"}
+        # Values from the file go through the same type checks as flags.
+        for action in parser._actions:
+            if action.dest in defaults and action.type is not None and defaults[action.dest] is not None:
+                try:
+                    defaults[action.dest] = action.type(defaults[action.dest])
+                except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+                    parser.error(f"--config {first.config}: {action.dest}: {e}")
+            if action.dest in defaults and action.choices and defaults[action.dest] not in action.choices:
+                parser.error(f"--config {first.config}: {action.dest} must be one of {list(action.choices)}")
+        parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    _validate(parser, args)
+    return args
+
+
+def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        args.objective_weights = parse_objective(args.objective)
+    except ValueError as e:
+        parser.error(f"--objective: {e}")
+    if args.architecture == "clip" and set(args.objective_weights) != {"itc"}:
+        parser.error(f"--architecture clip trains with ITC only (two towers have no joint pass); got --objective {args.objective}")
+    if args.mixed_precision == "fp32":
+        args.mixed_precision = "no"
+    for name in ("per_device_batch_size", "accum_freq", "max_nonfinite_steps", "logging_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    for name in ("max_steps", "max_train_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.max_train_minutes is not None and args.max_train_minutes <= 0:
+        parser.error("--max_train_minutes must be > 0")
+    if args.checkpointing_steps < 0 or args.checkpoints_total_limit < 1:
+        parser.error("--checkpointing_steps must be >= 0 and --checkpoints_total_limit >= 1")
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id owner/name")
+    if args.dataloader_num_workers < 0:
+        parser.error("--dataloader_num_workers must be >= 0")
+    try:
+        args.model_overrides = parse_overrides(args.config_overrides)
+    except ValueError as e:
+        parser.error(f"--config_overrides: {e}")
+    try:
+        args.inject_nan_steps = {int(s) for s in str(args.inject_nan_steps).split(",") if s.strip()}
+    except ValueError:
+        parser.error("--inject_nan_steps takes comma-separated step numbers")
+
+
+def parse_overrides(text: str | None) -> dict:
+    """`'hidden_size=128,projection_head=mlp'` -> `{"hidden_size": 128, "projection_head": "mlp"}` (validated against OneRConfig)."""
+    from modeling_oner import OneRConfig
+
+    if not text:
+        return {}
+    known = set(OneRConfig().to_dict())
+    out = {}
+    for item in str(text).split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in known:
+            raise ValueError(f"{item!r} is not field=value with a known OneRConfig field")
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return out

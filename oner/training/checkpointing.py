@@ -1,0 +1,124 @@
+"""Resumable checkpoints: `accelerator.save_state` into a temporary folder renamed into place.
+
+Layout: `<output_dir>/checkpoints/checkpoint-<step>/` with accelerate's files (model, optimizer,
+scheduler, RNG states, registered objects) plus `train_state.json` (step, data position, ...),
+written last. A crash while saving leaves only `.tmp-checkpoint-*`, which is never picked up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "train_state.json"
+
+
+class TrainState:
+    """Counters that a resume must restore; registered with `accelerator.register_for_checkpointing`.
+
+    - `step`: optimizer updates done; `batches_seen`: micro-batches consumed in total (the data position);
+    - `total_steps`: the schedule's length (fixed once, even when estimated from the time budget);
+    - `skipped_steps` / `nonfinite_in_a_row`: the NaN/inf guard's counters;
+    - `train_seconds`: training time so far, for the time budget across resumes.
+    """
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.batches_seen = 0
+        self.total_steps = 0
+        self.skipped_steps = 0
+        self.nonfinite_in_a_row = 0
+        self.train_seconds = 0.0
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Finished checkpoints, oldest first."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(value: str | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint folder to resume from, validated; None for a fresh run.
+
+    Raises `FileNotFoundError` / `ValueError` with a clear message for `latest` without any
+    checkpoint, a missing folder, or a damaged one.
+    """
+    if value is None:
+        return None
+    if value == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint latest: no checkpoint in {checkpoints_dir(output_dir)}"
+            )
+        path = found[-1]
+    else:
+        path = Path(value).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such folder")
+    check_checkpoint(path)
+    return path
+
+
+def check_checkpoint(path: Path) -> dict:
+    """Validate a checkpoint folder and return its `train_state.json`; ValueError naming what is wrong."""
+    state_file = path / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} is not a complete checkpoint: {STATE_FILE} is missing") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is damaged: {STATE_FILE} is unreadable ({e})") from None
+    for name in state.get("files", []):
+        file = path / name
+        if not file.is_file() or file.stat().st_size == 0:
+            raise ValueError(f"{path} is damaged: {name} is missing or empty")
+    return state
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, extra: dict, limit: int) -> Path:
+    """Save the whole training state for `step`; keep the newest `limit` checkpoints.
+
+    Every process must call this (accelerate writes one RNG file per process). The folder appears
+    under its final name only once complete: saved as `.tmp-checkpoint-<step>`, then renamed.
+    """
+    root = checkpoints_dir(output_dir)
+    tmp = root / f".tmp-checkpoint-{step}"
+    final = root / f"checkpoint-{step}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        state = {"step": step, "files": files, **extra}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, default=str) + "\n")
+        with open(tmp / STATE_FILE) as f:
+            os.fsync(f.fileno())
+        if final.exists():  # a re-run reaching the same step: replace the old one
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in list_checkpoints(output_dir)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final

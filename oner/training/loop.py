@@ -1,0 +1,469 @@
+"""The training loop behind `train.py`: setup, steps, checkpoints, final folder, evaluation, card, push.
+
+Everything runs under one `accelerate.Accelerator`, so the same code serves `python train.py`
+(one process), `accelerate launch train.py` and multi-GPU / multi-node launches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
+from tqdm.auto import tqdm
+
+from oner.losses import clamp_logit_scale_
+from oner.objectives import EMATarget, Objective, ObjectiveConfig, OneRPretrainer, subword_table, whole_word_mask
+
+from .args import parse_args
+from .checkpointing import TrainState, check_checkpoint, list_checkpoints, resolve_resume, save_checkpoint
+from .data import make_dataloader, open_train_data
+from .step import forward_backward
+from .tracking import PLOT_NAME, TrainingLog, format_eta, plot_loss_curve
+
+ESTIMATE_AFTER_STEPS = 5  # steps timed (after the first) to turn a time budget into a schedule length
+# Settings that must match between a checkpoint and the run resuming it.
+RESUME_MUST_MATCH = ("preset", "config_overrides", "architecture", "objective", "per_device_batch_size", "accum_freq", "pairwise_loss")
+
+
+class UserError(Exception):
+    """Bad input (data, resume folder, flags): reported as one line, exit status 1, nothing written."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `train.py`; returns the process exit status."""
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except UserError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------------------------
+
+
+def make_accelerator(args) -> Accelerator:
+    log_with = None
+    if args.report_to not in ("none", "", None):
+        from accelerate.utils import is_tensorboard_available
+
+        if args.report_to == "tensorboard" and not is_tensorboard_available():
+            print("tensorboard is not installed: metrics go to the training log only", file=sys.stderr)
+        else:
+            log_with = args.report_to
+    return Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=log_with,
+        project_dir=args.output_dir,
+        # Our scheduler counts optimizer updates, whatever the number of processes.
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+
+
+def build_model(args):
+    """`(pretrainer, model_to_save, processor, config)` for `--architecture oner|clip`."""
+    from modeling_oner import OneRConfig, OneRModel
+    from processing_oner import build_processor
+
+    config = OneRConfig.from_preset(args.preset, **args.model_overrides)
+    if args.architecture == "clip":
+        from oner.baseline import CLIPPretrainer, build_clip
+
+        model, processor = build_clip(config)
+        pretrainer = CLIPPretrainer(model)
+    else:
+        model, processor = OneRModel(config), build_processor(config)
+        pretrainer = OneRPretrainer(model, objective_config(args))
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return pretrainer, model, processor, config
+
+
+def objective_config(args) -> ObjectiveConfig:
+    return ObjectiveConfig(
+        weights=args.objective_weights,
+        pairwise=args.pairwise_loss,
+        local_loss=args.local_loss,
+        mix_weight=args.mix_weight,
+        mlm_probability=args.mlm_probability,
+        momentum=args.momentum,
+    )
+
+
+def make_optimizer(module: torch.nn.Module, args) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms, embeddings, [CLS], positions and the logit scale/bias."""
+    decay, no_decay, seen = [], [], set()
+    for name, param in module.named_parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        if param.ndim < 2 or "embedding" in name or "logit_" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
+
+
+def make_scheduler(optimizer, args, state: TrainState) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup then cosine/linear/constant; the length is read from `state.total_steps`,
+    which may be fixed only after the first steps (time budget)."""
+    kind, warmup = args.lr_scheduler_type, args.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        total = state.total_steps
+        if kind == "constant" or total <= warmup:
+            return 1.0
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def planned_steps(args, batches_per_epoch: int) -> int:
+    """Schedule length from --max_steps or --num_train_epochs; 0 = estimate it from the time budget."""
+    if args.max_steps:
+        return args.max_steps
+    if args.num_train_epochs:
+        return max(int(args.num_train_epochs * batches_per_epoch // args.accum_freq), 1)
+    return 0
+
+
+def check_resume_compatible(args, checkpoint: Path) -> None:
+    saved = check_checkpoint(checkpoint).get("args", {})
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(args, k)!r}" for k in RESUME_MUST_MATCH
+             if k in saved and saved[k] != getattr(args, k)]
+    if diffs:
+        raise UserError(f"cannot resume from {checkpoint}: settings differ ({'; '.join(diffs)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def train(args) -> int:
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)
+    is_main = accelerator.is_main_process
+
+    # ---- validate every input BEFORE anything is written
+    pretrainer, model, processor, config = build_model(args)
+    try:
+        dataset = open_train_data(args, seed=args.seed, image_size=config.image_size)
+        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+    if resume is not None:
+        check_resume_compatible(args, resume)
+    dataloader, sampler = make_dataloader(
+        dataset, processor, args.per_device_batch_size, seed=args.seed, num_workers=args.dataloader_num_workers
+    )
+    if len(dataloader) < accelerator.num_processes * args.accum_freq:
+        raise UserError(
+            f"{args.train_data}: {len(dataset)} pairs make fewer than one step of "
+            f"{accelerator.num_processes * args.accum_freq * args.per_device_batch_size} pairs; lower --per_device_batch_size"
+        )
+
+    output_dir = Path(args.output_dir)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if resume is None and list_checkpoints(output_dir):
+            print(f"{output_dir} holds checkpoints of an earlier run; this fresh run will replace them "
+                  "(use --resume_from_checkpoint latest to continue it instead)")
+            for old in list_checkpoints(output_dir):
+                import shutil
+
+                shutil.rmtree(old)
+
+    objective = Objective(objective_config(args)) if args.architecture == "oner" else Objective(
+        ObjectiveConfig(weights={"itc": 1.0}, pairwise=args.pairwise_loss, local_loss=args.local_loss)
+    )
+    state = TrainState()
+    optimizer = make_optimizer(pretrainer, args)
+    scheduler = make_scheduler(optimizer, args, state)
+    pretrainer, optimizer, dataloader, scheduler = accelerator.prepare(pretrainer, optimizer, dataloader, scheduler)
+    accelerator.register_for_checkpointing(state)
+    batches_per_epoch = len(dataloader)
+    state.total_steps = planned_steps(args, batches_per_epoch)
+    ema = None
+    if args.architecture == "oner" and args.momentum > 0:
+        if not state.total_steps:
+            raise UserError("--momentum needs a known schedule length: give --max_steps or --num_train_epochs")
+        ema = EMATarget(model, args.momentum, state.total_steps).to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    mlm = "mlm" in args.objective_weights
+    subwords = subword_table(processor.tokenizer) if mlm else None
+
+    if resume is not None:
+        try:
+            accelerator.load_state(str(resume))
+        except Exception as e:  # a damaged file: torch/safetensors/pickle errors of many kinds
+            raise UserError(f"cannot resume from {resume}: damaged checkpoint ({type(e).__name__}: {e})") from None
+        accelerator.print(f"resumed from {resume} at step {state.step} ({state.batches_seen} batches seen)")
+
+    log = TrainingLog(output_dir, state.step if resume is not None else None, enabled=is_main)
+    run_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
+    accelerator.init_trackers("oner", config={k: v for k, v in run_config.items() if v is not None})
+    if is_main:
+        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2, default=sorted) + "\n")
+
+    # ---- the loop
+    budget = args.max_train_minutes * 60 if args.max_train_minutes else float("inf")
+    global_batch = args.per_device_batch_size * args.accum_freq * accelerator.num_processes
+    n_params = sum(p.numel() for p in model.parameters())
+    accelerator.print(
+        f"training {args.architecture} ({args.preset}, {n_params / 1e6:.1f}M parameters) on {len(dataset)} pairs "
+        f"from {args.train_data}; {accelerator.num_processes} process(es), {global_batch} pairs per step, "
+        f"objective {args.objective}, mixed precision {args.mixed_precision}"
+    )
+    bar = tqdm(total=state.total_steps or None, initial=state.step, disable=not is_main, desc="training",
+               dynamic_ncols=True)
+    start, start_seconds, start_step = time.monotonic(), state.train_seconds, state.step
+    epoch, skip = divmod(state.batches_seen, batches_per_epoch)
+    pending: list[dict] = []
+    stop_reason, timer = None, None
+    pretrainer.train()
+    while stop_reason is None:
+        dataset.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        loader.set_epoch(epoch)
+        for batch in loader:
+            state.batches_seen += 1
+            if batch is None:  # every sample of the micro-batch was damaged
+                continue
+            batch = dict(batch)
+            if mlm:
+                batch["mlm_input_ids"], batch["mlm_labels"] = whole_word_mask(
+                    batch["input_ids"], batch["attention_mask"], subwords, config.mask_token_id, args.mlm_probability
+                )
+            pending.append(batch)
+            if len(pending) < args.accum_freq:
+                continue
+            loss, parts, grad_norm, finite = optimisation_step(
+                pretrainer, objective, pending, accelerator, optimizer, scheduler, ema, args,
+                poison=(state.step + 1) in args.inject_nan_steps,
+            )
+            pending = []
+            if not finite:
+                state.skipped_steps += 1
+                state.nonfinite_in_a_row += 1
+                accelerator.print(f"step {state.step + 1}: non-finite loss or gradient, step skipped "
+                                  f"({state.nonfinite_in_a_row} in a row)")
+                if state.nonfinite_in_a_row >= args.max_nonfinite_steps:
+                    stop_reason = "nonfinite"
+                    break
+                continue
+            state.nonfinite_in_a_row = 0
+            state.step += 1
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(pretrainer).model, state.step)
+            elapsed = time.monotonic() - start
+            state.train_seconds = start_seconds + elapsed
+
+            # Turn the time budget into a schedule length once, identically on every process.
+            if state.total_steps == 0 and state.step == start_step + 1 + ESTIMATE_AFTER_STEPS:
+                timer_steps = state.step - start_step - 1
+                per_step = (elapsed - timer) / timer_steps
+                estimate = [state.step + int((budget - state.train_seconds) / per_step)]
+                broadcast_object_list(estimate)
+                state.total_steps = max(estimate[0], state.step + 1)
+                bar.total = state.total_steps
+            if state.step == start_step + 1:
+                timer = elapsed  # the first step pays one-off costs: time from its end
+
+            if state.step % args.logging_steps == 0 or state.step == state.total_steps:
+                record = log_step(accelerator, log, state, loss, parts, grad_norm, scheduler, pretrainer,
+                                  global_batch, elapsed, start_step, timer)
+                bar.set_postfix_str(f"loss {record['loss']:.3f}, {record['pairs_per_s']:.0f} pairs/s, "
+                                    f"ETA {format_eta(record['eta_s'])}")
+            bar.update(1)
+
+            if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
+                checkpoint(accelerator, pretrainer, args, state, epoch)
+            if state.total_steps and state.step >= state.total_steps:
+                stop_reason = "steps"
+                break
+            if state.train_seconds >= budget:
+                stop_reason = "time"
+                break
+        else:
+            epoch, skip = epoch + 1, 0
+    bar.close()
+
+    if stop_reason == "nonfinite":
+        accelerator.end_training()
+        accelerator.print(
+            f"train.py: error: stopped after {state.nonfinite_in_a_row} consecutive steps with a NaN/inf loss or "
+            f"gradient (step {state.step}); lower --learning_rate or try --mixed_precision no. The last checkpoint "
+            f"holds the last finite weights.", file=sys.stderr
+        )
+        return 3
+    if args.checkpointing_steps and state.step % args.checkpointing_steps != 0:
+        checkpoint(accelerator, pretrainer, args, state, epoch)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if not is_main:
+        return 0
+    return finish(accelerator.unwrap_model(pretrainer).model, processor, args, state, dataset, log, global_batch)
+
+
+def optimisation_step(pretrainer, objective, micro_batches, accelerator, optimizer, scheduler, ema, args, poison):
+    """Forward, backward, NaN/inf check, clip, update, clamp: `(loss, parts, grad_norm, finite)`."""
+    loss, parts = forward_backward(pretrainer, objective, micro_batches, accelerator, ema=ema, poison=poison)
+    params = [p for p in pretrainer.parameters() if p.grad is not None]
+    if args.max_grad_norm > 0:
+        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+    else:
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params]))
+    # A rank whose loss is NaN poisons every rank's reduced gradients, so all ranks agree; the
+    # loss flag is reduced anyway (with --local_loss each rank has its own loss).
+    bad = torch.tensor(float(not (torch.isfinite(loss) and torch.isfinite(grad_norm))), device=loss.device)
+    finite = accelerator.reduce(bad, reduction="sum").item() == 0
+    if finite:
+        optimizer.step()
+        scheduler.step()
+        clamp_logit_scale_(accelerator.unwrap_model(pretrainer).model.logit_scale)
+    optimizer.zero_grad(set_to_none=True)
+    return loss, parts, grad_norm, finite
+
+
+def log_step(accelerator, log, state, loss, parts, grad_norm, scheduler, pretrainer, global_batch, elapsed,
+             start_step, timer):
+    loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+    record = {"step": state.step, "loss": loss_value}
+    for name, value in parts.items():
+        record[f"loss/{name}"] = accelerator.reduce(value.detach().float(), reduction="mean").item()
+    timed_steps = state.step - start_step - 1
+    per_step = (elapsed - timer) / timed_steps if timer is not None and timed_steps > 0 else elapsed
+    remaining = max(state.total_steps - state.step, 0) if state.total_steps else 0
+    record.update(
+        lr=scheduler.get_last_lr()[0],
+        grad_norm=float(grad_norm),
+        temperature=1.0 / float(accelerator.unwrap_model(pretrainer).model.logit_scale.detach().exp()),
+        pairs_per_s=global_batch / per_step if per_step > 0 else 0.0,
+        eta_s=remaining * per_step,
+        elapsed_s=round(state.train_seconds, 1),
+        skipped_steps=state.skipped_steps,
+    )
+    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
+    log.write(record)
+    return record
+
+
+def checkpoint(accelerator, pretrainer, args, state, epoch) -> None:
+    model = accelerator.unwrap_model(pretrainer)
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        # Never reached (non-finite steps are skipped), but a NaN must never be checkpointed.
+        raise RuntimeError("refusing to checkpoint non-finite weights")
+    extra = {"epoch": epoch, "batches_seen": state.batches_seen,
+             "args": {k: getattr(args, k) for k in RESUME_MUST_MATCH}}
+    path = save_checkpoint(accelerator, args.output_dir, state.step, extra, args.checkpoints_total_limit)
+    accelerator.print(f"checkpoint saved: {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The end: model folder, evaluation, card, push
+# ---------------------------------------------------------------------------------------------
+
+
+def finish(model, processor, args, state, dataset, log, global_batch: int) -> int:
+    output_dir = Path(args.output_dir)
+    model = model.float().eval()
+    if args.architecture == "clip":
+        from oner.baseline import save_clip_folder
+
+        save_clip_folder(model, processor, output_dir)
+    else:
+        from oner.model_folder import save_model_folder
+
+        save_model_folder(model, processor, output_dir)
+    records = log.read()
+    plot = plot_loss_curve(records, output_dir / PLOT_NAME, f"{args.architecture} {args.preset}: {args.objective}")
+    last = records[-1] if records else {}
+    training = {
+        "architecture": args.architecture,
+        "preset": args.preset,
+        "objective": args.objective,
+        "pairwise_loss": args.pairwise_loss,
+        "train_data": args.train_data,
+        "pairs": len(dataset),
+        "steps": state.step,
+        "skipped_steps": state.skipped_steps,
+        "train_minutes": round(state.train_seconds / 60, 2),
+        "global_batch_size": global_batch,
+        "per_device_batch_size": args.per_device_batch_size,
+        "accum_freq": args.accum_freq,
+        "learning_rate": args.learning_rate,
+        "mixed_precision": args.mixed_precision,
+        "seed": args.seed,
+        "final_loss": last.get("loss"),
+        "data_stats": dataset.stats.as_dict(),
+    }
+    training = {k: v for k, v in training.items() if v is not None}
+    (output_dir / "training_summary.json").write_text(json.dumps(training, indent=2) + "\n")
+    print(f"{dataset.stats.summary()}")
+    print(f"trained {state.step} steps in {training['train_minutes']} min; final loss {training.get('final_loss')}")
+    if plot:
+        print(f"loss curve: {plot}")
+
+    metrics = evaluate_folder(output_dir, args)
+    write_card(output_dir, metrics, training)
+    if args.push_to_hub:
+        push(output_dir, args)
+    print(f"\nmodel folder: {output_dir.resolve()}")
+    print(f"open the demo on it:  python space/app.py --model {output_dir}")
+    return 0
+
+
+def evaluate_folder(output_dir: Path, args) -> dict:
+    if not args.do_eval:
+        return {}
+    try:
+        from oner.evaluation import run_benchmark
+    except ImportError as e:
+        print(f"evaluation unavailable: oner.evaluation cannot be imported ({e}); the model folder is saved without metrics")
+        return {}
+    metrics = run_benchmark(output_dir, output_dir=output_dir, max_items=args.eval_max_items)
+    table = output_dir / "eval_results.md"
+    if table.is_file():
+        print(table.read_text())
+    return metrics
+
+
+def write_card(output_dir: Path, metrics: dict, training: dict) -> None:
+    try:
+        from oner.model_card import write_model_card
+    except ImportError as e:
+        print(f"model card unavailable: oner.model_card cannot be imported ({e})")
+        return
+    print(f"model card: {write_model_card(output_dir, metrics, training)}")
+
+
+def push(output_dir: Path, args) -> None:
+    try:
+        from oner.hub import push_folder
+    except ImportError as e:
+        print(f"push unavailable: oner.hub cannot be imported ({e}); the folder stays local")
+        return
+    url = push_folder(output_dir, args.hub_model_id, private=args.hub_private)
+    print(f"pushed to {url}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
