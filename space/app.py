@@ -46,13 +46,15 @@ def user_errors(fn):
     return wrapper
 
 
-def image_input(label: str) -> gr.Image:
+def image_input(label: str, elem_id: str | None = None) -> gr.Image:
     """An image upload whose decoding errors (not an image, a decompression bomb) read clearly.
 
     Gradio opens the upload with PIL before our function runs; its own exceptions would reach the
     user as a bare "Error", so the component's preprocess is wrapped to raise gr.Error instead.
     """
-    component = gr.Image(label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"], height=260)
+    component = gr.Image(
+        label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"], height=260, elem_id=elem_id
+    )
     original = component.preprocess
 
     def preprocess(payload):
@@ -70,12 +72,12 @@ def image_input(label: str) -> gr.Image:
 def classification_tab() -> None:
     with gr.Row():
         with gr.Column():
-            image = image_input("Image")
+            image = image_input("Image", elem_id="classify-image")
             labels = gr.Textbox(label="Labels (comma-separated)", value="cat face, dog face, red apple, rocket")
             template = gr.Textbox(label="Prompt template ({} = the label)", value="{}")
             button = gr.Button("Classify", variant="primary")
         with gr.Column():
-            result = gr.Label(label="Probabilities", num_top_classes=10)
+            result = gr.Label(label="Probabilities", num_top_classes=10, elem_id="classify-result")
     gr.Examples(
         [
             [str(EX / "openmoji_cat_face.png"), "cat face, dog face, red apple, rocket", "{}"],
@@ -95,11 +97,13 @@ def localization_tab() -> None:
     )
     with gr.Row():
         with gr.Column():
-            image = image_input("Image")
-            phrase = gr.Textbox(label="Phrase", value="rocket")
+            image = image_input("Image", elem_id="localize-image")
+            phrase = gr.Textbox(label="Phrase", value="rocket", elem_id="localize-phrase")
             button = gr.Button("Localize", variant="primary")
         with gr.Column():
-            heatmap = gr.Image(label="Text-to-patch similarity", type="pil", format="png", height=384)
+            heatmap = gr.Image(
+                label="Text-to-patch similarity", type="pil", format="png", height=384, elem_id="localize-heatmap"
+            )
             summary = gr.Textbox(label="Best patch", elem_id="localize-summary")
     gr.Examples(
         [
