@@ -334,6 +334,11 @@ def test_app_reports_bad_input_and_keeps_serving(client, tmp_path):
     for args, api_name, message in bad:
         with pytest.raises(AppError, match=message):
             client.predict(*args, api_name=api_name)
+    # Uploads over the app's size limit are refused by Gradio's upload route before any decoding.
+    oversized = tmp_path / "oversized.png"
+    oversized.write_bytes(b"\0" * (21 * 1024 * 1024))
+    with pytest.raises(Exception, match="maximum file size"):
+        client.predict(handle_file(str(oversized)), "cat", "{}", api_name="/classify")
     # Still serving after every error.
     assert client.predict(cat, "cat, dog", "{}", api_name="/classify")["label"] in {"cat", "dog"}
 
