@@ -1,0 +1,156 @@
+"""Each objective term: finite loss, gradients to the shared weights, the intended encoder passes."""
+
+import pytest
+import torch
+
+from oner.objectives import (
+    TERMS,
+    EMATarget,
+    Objective,
+    ObjectiveConfig,
+    OneRPretrainer,
+    mixup,
+    parse_objective,
+    subword_table,
+    whole_word_mask,
+)
+
+
+@pytest.fixture
+def batch(tiny_processor):
+    from PIL import Image
+
+    images = [Image.new("RGB", (20, 20), c) for c in ("red", "green", "blue", "white")]
+    texts = ["a red apple", "green frog face", "blue whale spouting water", "snowman"]
+    return dict(tiny_processor(text=texts, images=images, return_tensors="pt"))
+
+
+def _run(model, batch, objective, tokenizer=None, **config):
+    config = ObjectiveConfig(weights=parse_objective(objective), **config)
+    pretrainer = OneRPretrainer(model.train(), config)
+    batch = dict(batch)
+    if "mlm" in config.weights:
+        batch["mlm_input_ids"], batch["mlm_labels"] = whole_word_mask(
+            batch["input_ids"], batch["attention_mask"], subword_table(tokenizer), model.config.mask_token_id
+        )
+    loss, parts = Objective(config)(pretrainer(**batch))
+    return loss, parts, pretrainer
+
+
+SHARED = ("encoder.layers.0.self_attn.qkv.weight", "head.proj.weight", "post_layernorm.weight")
+
+
+@pytest.mark.parametrize("term", TERMS)
+def test_each_term_is_finite_and_reaches_the_shared_weights(tiny_model, tiny_processor, batch, term):
+    objective = term if term != "mlm" else "itc:0+mlm"  # mlm needs a contrastive partner (weight 0 is fine)
+    loss, parts, _ = _run(tiny_model, batch, objective, tiny_processor.tokenizer)
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert term in parts and torch.isfinite(parts[term])
+    loss.backward()
+    params = dict(tiny_model.named_parameters())
+    # MLM predicts tokens from the tower's hidden states: it trains the tower, not the projection head
+    shared = SHARED if term != "mlm" else ("encoder.layers.0.self_attn.qkv.weight", "embeddings.token_embedding.weight")
+    for name in shared:
+        assert params[name].grad is not None and params[name].grad.abs().sum() > 0, (term, name)
+    if term != "mlm":  # the logit scale enters every pairwise term
+        assert tiny_model.logit_scale.grad is not None
+
+
+def test_sigmoid_form_and_its_bias(tiny_model, batch):
+    loss, parts, pretrainer = _run(tiny_model, batch, "xmc+cmc", pairwise="sigmoid")
+    loss.backward()
+    assert torch.isfinite(loss) and pretrainer.logit_bias.grad is not None
+
+
+def test_weights_scale_the_terms(tiny_model, batch):
+    loss, parts, _ = _run(tiny_model, batch, "xmc:2+cmc:0.5")
+    assert torch.allclose(loss, 2 * parts["xmc"] + 0.5 * parts["cmc"])
+
+
+def _spy_encoder(model):
+    """Records (sequence length, attention mask) of every pass through the shared encoder."""
+    calls = []
+    original = model.encoder.forward
+
+    def spy(hidden_states, attention_mask=None, **kw):
+        calls.append((hidden_states.shape[1], attention_mask))
+        return original(hidden_states, attention_mask=attention_mask, **kw)
+
+    model.encoder.forward = spy
+    return calls
+
+
+@pytest.mark.parametrize("term,cross", [("cmc", False), ("cic", True)])
+def test_cmc_and_cic_run_the_joint_sequence(tiny_model, batch, term, cross):
+    calls = _spy_encoder(tiny_model)
+    _run(tiny_model, batch, term)
+    n_patches, n_words = tiny_model.config.num_patches, batch["input_ids"].shape[1]
+    lengths = [length for length, _ in calls]
+    # image alone, text alone, then the ONE joint [CLS] + patches + words sequence
+    assert lengths == [1 + n_patches, 1 + n_words, 1 + n_patches + n_words]
+    mask = calls[-1][1]
+    if not cross:  # CMC: full attention (only padding masked)
+        assert mask is None or mask.shape[-2] == 1
+        return
+    # CIC: each modality attends only to the other; [CLS] to all
+    mask = mask[0, 0]
+    img = slice(1, 1 + n_patches)
+    txt = slice(1 + n_patches, None)
+    assert mask[0].sum() == 1 + n_patches + int(batch["attention_mask"][0].sum())
+    assert not mask[img, img].any() and mask[img, txt][:, : int(batch["attention_mask"][0].sum())].all()
+    assert not mask[txt, txt].any() and mask[txt, img].all()
+
+
+def test_mixup_is_normalised_average():
+    a = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    m = mixup(a, b)
+    assert torch.allclose(m.norm(dim=-1), torch.ones(5))
+    assert torch.allclose(m, torch.nn.functional.normalize(a + b, dim=-1), atol=1e-6)
+
+
+def test_parse_objective():
+    assert parse_objective("xmc+cmc") == {"xmc": 1.0, "cmc": 1.0}
+    assert parse_objective("ITC:0.5 + mlm:0.1") == {"itc": 0.5, "mlm": 0.1}
+    for bad, message in [("xmc+foo", "unknown objective term 'foo'"), ("", "empty"), ("xmc+xmc", "twice"),
+                         ("xmc:abc", "bad weight"), ("xmc:-1", ">= 0"), ("mlm", "mlm alone")]:
+        with pytest.raises(ValueError, match=message):
+            parse_objective(bad)
+
+
+def test_whole_word_mask_masks_whole_words(tiny_processor):
+    tokenizer = tiny_processor.tokenizer
+    enc = tokenizer(["snowboarder unbelievably fast", "cat"], add_special_tokens=False, padding=True,
+                    return_tensors="pt")
+    table = subword_table(tokenizer)
+    torch.manual_seed(0)
+    for _ in range(20):
+        ids, labels = whole_word_mask(enc["input_ids"], enc["attention_mask"], table, 103, probability=0.5)
+        for row in range(2):
+            masked = labels[row] != -100
+            assert masked.any()  # at least one word per caption
+            assert (ids[row][masked] == 103).all() and (labels[row][masked] == enc["input_ids"][row][masked]).all()
+            assert not masked[enc["attention_mask"][row] == 0].any()  # never padding
+            # a continuation piece is masked exactly when the piece before it is
+            for i in range(1, enc["input_ids"].shape[1]):
+                if enc["attention_mask"][row, i] and table[enc["input_ids"][row, i]]:
+                    assert masked[i] == masked[i - 1]
+
+
+def test_ema_target_moves_towards_the_online_model(tiny_model, batch):
+    ema = EMATarget(tiny_model, momentum=0.9, total_steps=10)
+    assert ema.momentum_at(0) == pytest.approx(0.9) and ema.momentum_at(10) == pytest.approx(1.0)
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.add_(1.0)
+    before = ema.target.head.proj.weight.clone()
+    ema.update(tiny_model, step=0)
+    assert torch.allclose(ema.target.head.proj.weight, before + 0.1, atol=1e-6)
+    targets = ema.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    assert not targets["image"].requires_grad
+    # with targets, the mixup comes from the target encoder: gradient only through the online side
+    loss, _, _ = _run(tiny_model, batch, "xmc")
+    config = ObjectiveConfig(weights={"xmc": 1.0}, momentum=0.9)
+    pretrainer = OneRPretrainer(tiny_model, config)
+    loss, parts = Objective(config)(pretrainer(**batch), targets)
+    assert torch.isfinite(loss)
