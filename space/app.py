@@ -41,7 +41,8 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except oner_demo.InputError as error:
-            raise gr.Error(str(error)) from error
+            # A user's mistake, not the server's: no traceback in the log.
+            raise gr.Error(str(error), print_exception=False) from error
 
     return wrapper
 
@@ -63,7 +64,7 @@ def image_input(label: str, elem_id: str | None = None) -> gr.Image:
         except gr.Error:
             raise
         except Exception as error:  # anything PIL raises on a bad upload
-            raise gr.Error(oner_demo.image_error_message(error)) from error
+            raise gr.Error(oner_demo.image_error_message(error), print_exception=False) from error
 
     component.preprocess = preprocess
     return component
