@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--gradient_checkpointing", False, "recompute activations in the backward pass (less memory, ~30%% slower)")
     g.add_argument("--max_nonfinite_steps", type=int, default=5,
                    help="stop after this many consecutive steps with a NaN/inf loss or gradient (each is skipped)")
-    g.add_argument("--inject_nan_steps", default="", help=argparse.SUPPRESS)  # testing aid: "3,4" poisons those steps' loss
+    g.add_argument("--inject_nan_steps", default="", help=argparse.SUPPRESS)  # testing aid: "3,4" poisons the loss of the 3rd and 4th attempted steps
 
     g = p.add_argument_group("checkpoints and tracking")
     g.add_argument("--checkpointing_steps", type=int, default=100, help="save a resumable checkpoint every N steps; 0 = never")

@@ -84,7 +84,11 @@ def build_model(args):
         model, processor = OneRModel(config), build_processor(config)
         pretrainer = OneRPretrainer(model, objective_config(args))
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant checkpointing works with DDP and with parameters unused by some passes.
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return pretrainer, model, processor, config
 
 
@@ -257,7 +261,7 @@ def train(args) -> int:
                 continue
             loss, parts, grad_norm, finite = optimisation_step(
                 pretrainer, objective, pending, accelerator, optimizer, scheduler, ema, args,
-                poison=(state.step + 1) in args.inject_nan_steps,
+                poison=(state.step + state.skipped_steps + 1) in args.inject_nan_steps,  # counts attempts
             )
             pending = []
             if not finite:

@@ -1,0 +1,268 @@
+"""train.py's machinery: flags, feature-cached accumulation, NaN guard, bad input, CLIP baseline."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY
+
+OVERRIDES = ",".join(f"{k}={v}" for k, v in TINY.items())
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator (accelerate keeps singletons between them)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory):
+    """A 48-pair imagefolder of coloured shapes (metadata.jsonl with file_name + text)."""
+    root = tmp_path_factory.mktemp("pairs")
+    colours = ["red", "green", "blue", "yellow", "black", "purple", "orange", "pink"]
+    shapes = ["square", "circle", "bar", "dot", "frame", "cross"]
+    rows = []
+    for i, (c, s) in enumerate((c, s) for c in colours for s in shapes):
+        image = Image.new("RGB", (24, 24), "white")
+        from PIL import ImageDraw
+
+        draw = ImageDraw.Draw(image)
+        box = [(4, 4, 20, 20), (6, 6, 18, 18), (2, 10, 22, 14), (10, 10, 14, 14), (2, 2, 22, 22), (10, 2, 14, 22)]
+        (draw.ellipse if s in ("circle", "dot") else draw.rectangle)(box[shapes.index(s)], outline=c, fill=c if s != "frame" else None)
+        image.save(root / f"{i:03d}.png")
+        rows.append({"file_name": f"{i:03d}.png", "text": f"a {c} {s}"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def tiny_args(data, out, *extra):
+    return ["--train_data", str(data), "--output_dir", str(out), "--config_overrides", OVERRIDES,
+            "--per_device_batch_size", "8", "--warmup_steps", "2", "--logging_steps", "1", "--do_eval", "false",
+            "--report_to", "none", "--dataloader_num_workers", "0", *extra]
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def test_no_arguments_is_the_tiny_embedded_config():
+    from oner.training import parse_args
+
+    default = vars(parse_args([]))
+    from_file = vars(parse_args(["--config", str(REPO / "configs" / "tiny-embedded.yaml")]))
+    from_file.pop("config")
+    default.pop("config")
+    assert default == from_file
+    assert default["preset"] == "tiny" and default["train_data"] == "embedded"
+    assert default["max_train_minutes"] == 10 and default["objective"] == "xmc+cmc"
+
+
+def test_paper_config_parses():
+    from oner.training import parse_args
+
+    args = parse_args(["--config", str(REPO / "configs" / "base-patch16-224-cc3m.yaml")])
+    assert args.preset == "base-patch16-224" and args.mixed_precision == "bf16" and args.num_train_epochs == 40
+
+
+def test_flags_override_the_config_file(tmp_path):
+    from oner.training import parse_args
+
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"learning_rate": 0.01, "objective": "itc"}))
+    args = parse_args(["--config", str(cfg), "--objective", "xmc:2+cic"])
+    assert args.learning_rate == 0.01 and args.objective_weights == {"xmc": 2.0, "cic": 1.0}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--no_such_flag"], "unrecognized arguments"),
+    (["--objective", "xmc+nope"], "unknown objective term 'nope'"),
+    (["--architecture", "clip", "--objective", "xmc"], "ITC only"),
+    (["--config_overrides", "hidden_sise=3"], "known OneRConfig field"),
+])
+def test_bad_flags_exit_with_one_message(capsys, argv, message):
+    from oner.training import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    from oner.training import parse_args
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 0.1\nlearnig_rate: 0.2\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(cfg)])
+    assert "unknown keys ['learnig_rate']" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- accumulation
+
+
+def _micro_batches(tiny_processor, n=8):
+    texts = ["a red apple", "green frog", "blue whale spouting", "snowman", "hot pepper", "bee", "grapes", "fire engine"]
+    g = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(20, 20, 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+    return dict(tiny_processor(text=texts[:n], images=images, return_tensors="pt"))
+
+
+@pytest.mark.parametrize("objective,kind", [("itc+xmc+cic+cmc+mlm:0.5", "softmax"), ("xmc+cmc", "sigmoid")])
+def test_feature_cached_accumulation_equals_one_big_batch(tiny_config, tiny_processor, objective, kind):
+    from accelerate import Accelerator
+    from modeling_oner import OneRModel
+    from oner.objectives import Objective, ObjectiveConfig, OneRPretrainer, parse_objective, subword_table, whole_word_mask
+    from oner.training.step import forward_backward
+
+    accelerator = Accelerator(cpu=True)
+    big = _micro_batches(tiny_processor)
+    config = ObjectiveConfig(weights=parse_objective(objective), pairwise=kind)
+    if "mlm" in config.weights:
+        torch.manual_seed(3)
+        big["mlm_input_ids"], big["mlm_labels"] = whole_word_mask(
+            big["input_ids"], big["attention_mask"], subword_table(tiny_processor.tokenizer), 103, 0.3)
+
+    def run(parts):
+        torch.manual_seed(0)
+        pretrainer = OneRPretrainer(OneRModel(tiny_config), config).train()
+        micro = [{k: v[i::parts] if False else v[i * (8 // parts):(i + 1) * (8 // parts)] for k, v in big.items()}
+                 for i in range(parts)]
+        loss, terms = forward_backward(pretrainer, Objective(config), micro, accelerator)
+        grads = {n: p.grad.clone() for n, p in pretrainer.named_parameters() if p.grad is not None}
+        return loss, terms, grads
+
+    loss1, terms1, grads1 = run(1)
+    loss4, terms4, grads4 = run(4)  # 4 micro-batches of 2: each still sees all 8 pairs as negatives
+    assert torch.allclose(loss1, loss4, atol=1e-5)
+    assert set(terms1) == set(terms4)
+    assert set(grads1) == set(grads4)
+    for name in grads1:
+        assert torch.allclose(grads1[name], grads4[name], atol=1e-5, rtol=1e-4), name
+
+
+# --------------------------------------------------------------------------- runs in process
+
+
+def test_nan_steps_are_skipped_and_never_checkpointed(pairs_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from oner.training import main
+
+    out = tmp_path / "run"
+    rc = main(tiny_args(pairs_dir, out, "--max_steps", "6", "--inject_nan_steps", "3",
+                        "--checkpointing_steps", "3"))
+    assert rc == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 1
+    assert all(torch.isfinite(t).all() for t in load_file(out / "model.safetensors").values())
+
+    out = tmp_path / "stops"
+    rc = main(tiny_args(pairs_dir, out, "--max_steps", "8", "--inject_nan_steps", "3,4,5",
+                        "--max_nonfinite_steps", "3", "--checkpointing_steps", "2"))
+    assert rc == 3
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-2"]  # nothing saved after the NaN steps began
+    state = json.loads((out / "checkpoints" / "checkpoint-2" / "train_state.json").read_text())
+    assert state["step"] == 2
+    weights = load_file(out / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert not (out / "model.safetensors").exists()
+
+
+def test_missing_data_path_fails_cleanly(tmp_path, capsys):
+    from oner.training import main
+
+    out = tmp_path / "never"
+    assert main(tiny_args(tmp_path / "nope", out, "--max_steps", "2")) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_empty_folder_and_missing_text_column(tmp_path, capsys):
+    from oner.training import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(tiny_args(empty, tmp_path / "o1", "--max_steps", "2")) == 1
+    assert "empty" in capsys.readouterr().err
+    no_text = tmp_path / "no_text"
+    no_text.mkdir()
+    Image.new("RGB", (8, 8)).save(no_text / "a.png")
+    (no_text / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "label": 3}) + "\n")
+    assert main(tiny_args(no_text, tmp_path / "o2", "--max_steps", "2")) == 1
+    assert "no text column" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_damaged_resume_folder_fails_cleanly(pairs_dir, tmp_path, capsys):
+    from oner.training import main
+
+    out = tmp_path / "run"
+    assert main(tiny_args(pairs_dir, out, "--max_steps", "2", "--checkpointing_steps", "2")) == 0
+    log_before = (out / "training_log.jsonl").read_text()
+    assert main(tiny_args(pairs_dir, out, "--max_steps", "4", "--resume_from_checkpoint", str(tmp_path / "x"))) == 1
+    assert "no such folder" in capsys.readouterr().err
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    (checkpoint / "model.safetensors").write_bytes(b"")  # truncated weights
+    assert main(tiny_args(pairs_dir, out, "--max_steps", "4", "--resume_from_checkpoint", "latest")) == 1
+    assert "damaged" in capsys.readouterr().err
+    (checkpoint / "train_state.json").unlink()
+    assert main(tiny_args(pairs_dir, out, "--max_steps", "4", "--resume_from_checkpoint", str(checkpoint))) == 1
+    assert "train_state.json is missing" in capsys.readouterr().err
+    assert (out / "training_log.jsonl").read_text() == log_before  # nothing overwritten
+
+
+def test_resume_with_other_settings_is_refused(pairs_dir, tmp_path, capsys):
+    from oner.training import main
+
+    out = tmp_path / "run"
+    assert main(tiny_args(pairs_dir, out, "--max_steps", "2", "--checkpointing_steps", "2")) == 0
+    rc = main(tiny_args(pairs_dir, out, "--max_steps", "4", "--objective", "itc", "--resume_from_checkpoint", "latest"))
+    assert rc == 1 and "settings differ" in capsys.readouterr().err
+
+
+def test_clip_baseline_trains_and_loads(pairs_dir, tmp_path):
+    from transformers import AutoModel, AutoProcessor
+
+    from oner.training import main
+
+    out = tmp_path / "clip"
+    rc = main(tiny_args(pairs_dir, out, "--architecture", "clip", "--objective", "itc", "--max_steps", "4",
+                        "--checkpointing_steps", "0"))
+    assert rc == 0
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and all(r["loss"] > 0 for r in log)
+    model, processor = AutoModel.from_pretrained(out), AutoProcessor.from_pretrained(out)
+    assert type(model).__name__ == "CLIPModel"
+    assert model.config.vision_config.hidden_size == TINY["hidden_size"] == model.config.text_config.hidden_size
+    inputs = processor(text=["a red square"], images=[Image.new("RGB", (30, 30), "red")], return_tensors="pt")
+    assert inputs["input_ids"][0, -1].item() == model.config.text_config.eos_token_id  # [SEP] appended
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits_per_image).all()
+
+
+def test_oner_run_writes_the_folder(pairs_dir, tmp_path):
+    from transformers import AutoModel
+
+    from oner.training import main
+
+    out = tmp_path / "oner"
+    rc = main(tiny_args(pairs_dir, out, "--max_steps", "3", "--checkpointing_steps", "0", "--objective",
+                        "xmc+cmc+mlm:0.2", "--accum_freq", "2", "--mixed_precision", "bf16",
+                        "--gradient_checkpointing"))
+    assert rc == 0
+    for name in ("model.safetensors", "config.json", "modeling_oner.py", "loss_curve.png", "training_log.jsonl",
+                 "training_summary.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    model = AutoModel.from_pretrained(out, trust_remote_code=True)
+    assert 0 <= model.logit_scale.item() <= 4.6052
