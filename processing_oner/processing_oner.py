@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
@@ -117,8 +118,11 @@ class OneRProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]
-    image_processor_class = "CLIPImageProcessor"
-    tokenizer_class = "PreTrainedTokenizerFast"
+    if int(transformers.__version__.split(".")[0]) < 5:
+        # transformers 4.x needs the sub-processor classes named here; 5.x reads them from the saved
+        # configs and warns that these attributes are deprecated.
+        image_processor_class = "CLIPImageProcessor"
+        tokenizer_class = "PreTrainedTokenizerFast"
 
     def __init__(self, image_processor=None, tokenizer=None, patch_size: int = 16, **kwargs):
         self.patch_size = patch_size  # before super().__init__, which rejects unknown kwargs in 5.x
