@@ -60,6 +60,9 @@ def make_accelerator(args) -> Accelerator:
         else:
             log_with = args.report_to
     return Accelerator(
+        # Without an accelerator device, `accelerate launch --multi_gpu` starts N processes that each
+        # believe they are alone unless the Accelerator is told to run on the CPU (then: MULTI_CPU, gloo).
+        cpu=not _has_accelerator_device(),
         mixed_precision=args.mixed_precision,
         log_with=log_with,
         project_dir=args.output_dir,
@@ -67,6 +70,12 @@ def make_accelerator(args) -> Accelerator:
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
+
+
+def _has_accelerator_device() -> bool:
+    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, XPU, MPS, ...
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
 
 
 def build_model(args):
