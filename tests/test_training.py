@@ -87,9 +87,13 @@ def test_flags_override_the_config_file(tmp_path):
     (["--objective", "xmc+nope"], "unknown objective term 'nope'"),
     (["--architecture", "clip", "--objective", "xmc"], "ITC only"),
     (["--config_overrides", "hidden_sise=3"], "known OneRConfig field"),
+    (["--push_to_hub", "--hub_model_id", "not a/valid/id"], "invalid --hub_model_id"),
+    (["--push_to_hub", "--hub_model_id", "someone/oner-tiny"], "no Hugging Face token"),
 ])
-def test_bad_flags_exit_with_one_message(capsys, argv, message):
+def test_bad_flags_exit_with_one_message(capsys, monkeypatch, argv, message):
     from oner.training import parse_args
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # and HF_HOME is a fresh folder: no saved login
 
     with pytest.raises(SystemExit) as exit_info:
         parse_args(argv)

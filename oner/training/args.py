@@ -188,6 +188,15 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("--checkpointing_steps must be >= 0 and --checkpoints_total_limit >= 1")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id owner/name")
+    if args.push_to_hub:
+        # Fail before training, not after it: a bad repo id or a missing token is known now.
+        from oner.hub import PushError, check_repo_id, resolve_token
+
+        try:
+            check_repo_id(args.hub_model_id, "--hub_model_id")
+            resolve_token()
+        except PushError as e:
+            parser.error(f"--push_to_hub: {e}")
     if args.dataloader_num_workers < 0:
         parser.error("--dataloader_num_workers must be >= 0")
     try:
