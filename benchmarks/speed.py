@@ -57,7 +57,7 @@ def oner_config(preset: str, overrides: dict):
 class Trainer:
     """One model + objective + train.py's optimizer; `step(batch, dtype)` is one training step."""
 
-    def __init__(self, name: str, kind: str, cfg, objective: str | None = None):
+    def __init__(self, name: str, kind: str, cfg, objective: str | None = None, device: str = "cpu"):
         from oner.objectives import Objective, ObjectiveConfig, OneRPretrainer, parse_objective
         from oner.training.loop import make_optimizer
 
@@ -77,6 +77,8 @@ class Trainer:
             oc = ObjectiveConfig(weights=parse_objective(objective))
             self.pretrainer = OneRPretrainer(self.model, oc)
             self.objective = Objective(oc)
+        self.device = torch.device(device)
+        self.pretrainer.to(self.device)
         args = SimpleNamespace(weight_decay=0.1, learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6)
         self.optimizer = make_optimizer(self.pretrainer, args)
         self.pretrainer.train()
@@ -85,7 +87,7 @@ class Trainer:
         self.attn = getattr(self.model.config, "_attn_implementation", None)
 
     def forward_backward(self, batch, dtype):
-        with autocast(dtype):
+        with autocast(dtype, self.device.type):
             features = self.pretrainer(**batch)
             loss, _ = self.objective(features)
         loss.backward()
@@ -100,13 +102,13 @@ class Trainer:
 
     @torch.inference_mode()
     def image_features(self, batch, dtype):
-        with autocast(dtype):
+        with autocast(dtype, self.device.type):
             out = self.model.get_image_features(pixel_values=batch["pixel_values"])
         return getattr(out, "pooler_output", out)
 
     @torch.inference_mode()
     def text_features(self, batch, dtype):
-        with autocast(dtype):
+        with autocast(dtype, self.device.type):
             out = self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return getattr(out, "pooler_output", out)
 
@@ -115,22 +117,28 @@ class Trainer:
         return 4 * 4 * sum(p.numel() for p in self.params)
 
 
-def autocast(dtype):
+def autocast(dtype, device_type: str = "cpu"):
     if dtype == torch.bfloat16:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def make_batch(cfg, batch_size: int, seed: int = 0) -> dict:
+def make_batch(cfg, batch_size: int, seed: int = 0, device: str = "cpu") -> dict:
     g = torch.Generator().manual_seed(seed)
     length = cfg.max_position_embeddings
     ids = torch.randint(1000, 30000, (batch_size, length), generator=g)
     ids[:, -1] = 102  # [SEP]: CLIP pools its text at the first end-of-text token (a plain word for OneR)
-    return {
+    batch = {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
         "pixel_values": torch.randn(batch_size, cfg.num_channels, cfg.image_size, cfg.image_size, generator=g),
     }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,24 +146,28 @@ def make_batch(cfg, batch_size: int, seed: int = 0) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def matmul_peak(dtype, n: int = 1536, repeats: int = 5, inner: int = 4) -> float:
+def matmul_peak(dtype, n: int = 1536, repeats: int = 5, inner: int = 4, device: str = "cpu") -> float:
     """Best FLOP/s of an n x n x n matmul (a warm-up call first)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
+    sync(device)
     best = 0.0
     for _ in range(repeats):
         t = time.perf_counter()
         for _ in range(inner):
             a @ b
+        sync(device)
         best = max(best, 2 * n**3 * inner / (time.perf_counter() - t))
     return best
 
 
-def time_calls(fn, n: int) -> float:
+def time_calls(fn, n: int, device="cpu") -> float:
     """Seconds per call of `fn` over `n` calls."""
+    sync(device)
     t = time.perf_counter()
     for _ in range(n):
         fn()
+    sync(device)
     return (time.perf_counter() - t) / n
 
 
@@ -168,7 +180,7 @@ def alternate(trainers: list, what: str, batch_of, dtype, repeats: int, calls: i
         order = trainers[r % len(trainers):] + trainers[: r % len(trainers)]
         for t in order:
             b = batch_of(t)
-            times[t.name].append(time_calls(lambda: getattr(t, what)(b, dtype), calls))
+            times[t.name].append(time_calls(lambda: getattr(t, what)(b, dtype), calls, t.device))
     return times
 
 
