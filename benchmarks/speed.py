@@ -8,9 +8,10 @@ What is timed (medians over repeats; the order of the models rotates every repea
   (`oner.objectives.DEFAULT_OBJECTIVE`), CLIPModel + its contrastive loss (train.py's
   `--architecture clip` path: `oner.baseline.CLIPPretrainer` + ITC);
 - inference: image embeddings/s and text embeddings/s (`get_image_features` / `get_text_features`);
-- memory: parameter + gradient + AdamW state bytes (exact), and the peak RSS growth during one
-  training step (Linux `VmHWM` after resetting it through `/proc/self/clear_refs`; torch's CPU
-  allocations are plain malloc/mmap, invisible to tracemalloc);
+- memory: parameter + gradient + AdamW state bytes (exact), and the peak RSS growth over the first
+  two training steps of a freshly built model in a child process (Linux `VmHWM` after resetting it
+  through `/proc/self/clear_refs`; torch's CPU allocations are plain malloc/mmap, invisible to
+  tracemalloc): activations, gradients and AdamW state;
 - FLOPs of one training step's forward + backward from `torch.utils.flop_counter.FlopCounterMode`
   (matmuls, convolutions, attention), hence achieved FLOP/s, against the fp32 / bf16 matmul peak
   measured in the same run (square matmuls, best of several);
@@ -222,20 +223,65 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def peak_step_rss(trainer: Trainer, batch, dtype) -> dict | None:
-    """Peak RSS growth (bytes) during one training step, over the steady state before it."""
-    try:
-        trainer.step(batch, dtype)  # optimizer state exists from here on
-        import gc
+def memory_probe_main(spec: str) -> int:
+    """Child process of [`peak_step_rss_fresh`]: build one model, time nothing, print its peak RSS growth."""
+    import json
 
-        gc.collect()
-        before = _rss_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        trainer.step(batch, dtype)
-        peak = _rss_kib("VmHWM")
-        return {"rss_before_mib": before / 1024, "peak_growth_mib": max(peak - before, 0) / 1024}
-    except OSError:
-        return None
+    d = json.loads(spec)
+    if d.get("threads"):
+        torch.set_num_threads(d["threads"])
+    cfg = oner_config(d["preset"], d["overrides"])
+    trainer = Trainer(d["name"], d["kind"], cfg, d["objective"])
+    batch = make_batch(cfg, d["batch_size"])
+    dtype = torch.bfloat16 if d["dtype"] == "bf16" else torch.float32
+    import gc
+
+    gc.collect()
+    before = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    trainer.step(batch, dtype)  # the first step also creates AdamW's state
+    trainer.step(batch, dtype)
+    print("MEMORY_PROBE " + json.dumps({"rss_before_mib": before / 1024,
+                                        "peak_growth_mib": max(_rss_kib("VmHWM") - before, 0) / 1024}))
+    return 0
+
+
+def peak_step_rss_fresh(name, kind, objective, preset, overrides, batch_size, dtype_name, threads=None) -> dict | None:
+    """Peak RSS growth over two training steps in a FRESH process (after the model is built): in one
+    long-lived process glibc keeps freed memory, so later models would show no growth at all."""
+    import json
+    import subprocess
+
+    spec = json.dumps(dict(name=name, kind=kind, objective=objective, preset=preset, overrides=overrides,
+                           batch_size=batch_size, dtype=dtype_name, threads=threads))
+    proc = subprocess.run([sys.executable, __file__, "--memory-probe", spec], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("MEMORY_PROBE "):
+            return json.loads(line.split(" ", 1)[1])
+    return None
+
+
+def memory_only(args) -> int:
+    """Peak RSS growth of each model's first two training steps, fresh processes -> speed_memory.json."""
+    from oner.objectives import DEFAULT_OBJECTIVE
+
+    overrides = parse_overrides(args.overrides)
+    cfg = oner_config(args.preset, overrides)
+    deep = {**overrides, "num_hidden_layers": 2 * cfg.num_hidden_layers}
+    models = [("oner_itc", "oner", "itc", overrides), ("oner_default", "oner", DEFAULT_OBJECTIVE, overrides),
+              ("clip", "clip", None, overrides), ("oner_itc_2x_layers", "oner", "itc", deep)]
+    out = {"machine": machine(), "preset": args.preset, "batch_size": args.batch_size, "memory": {}}
+    lines = ["| model | precision | RSS after build (MiB) | peak RSS growth, 2 fresh steps (MiB) |", "|---|---|---:|---:|"]
+    for dname in ("fp32", "bf16"):
+        for name, kind, objective, ov in models:
+            r = peak_step_rss_fresh(name, kind, objective, args.preset, ov, args.batch_size, dname, args.threads) or {}
+            out["memory"][f"{name}/{dname}"] = r
+            lines.append(f"| {name} | {dname} | {r.get('rss_before_mib', float('nan')):.0f} | "
+                         f"{r.get('peak_growth_mib', float('nan')):.0f} |")
+    write_json(Path(args.out) / "speed_memory.json", out)
+    (Path(args.out) / "speed_memory.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
 
 
 def profile_step(trainer: Trainer, batch, dtype, rows: int = 18) -> str:
@@ -256,7 +302,8 @@ def run(args) -> dict:
     torch.manual_seed(0)
     overrides = parse_overrides(args.overrides)
     cfg = oner_config(args.preset, overrides)
-    deep_cfg = oner_config(args.preset, {**overrides, "num_hidden_layers": 2 * cfg.num_hidden_layers})
+    deep_overrides = {**overrides, "num_hidden_layers": 2 * cfg.num_hidden_layers}
+    deep_cfg = oner_config(args.preset, deep_overrides)
     from oner.objectives import DEFAULT_OBJECTIVE
 
     result = {"machine": machine(), "settings": {
@@ -287,7 +334,10 @@ def run(args) -> dict:
         infer_img[dname] = {k: args.batch_size / median(v) for k, v in ti.items()}
         infer_txt[dname] = {k: args.batch_size / median(v) for k, v in tt.items()}
         flops[dname] = {tr.name: training_flops(tr, batch, dtype) for tr in trainers}
-        memory[dname] = {tr.name: {"state_mib": tr.state_bytes() / 2**20, **(peak_step_rss(tr, batch, dtype) or {})}
+        memory[dname] = {tr.name: {"state_mib": tr.state_bytes() / 2**20,
+                                   **(peak_step_rss_fresh(tr.name, tr.kind, tr.objective_spec, args.preset,
+                                                          deep_overrides if tr.name.endswith("2x_layers") else overrides,
+                                                          args.batch_size, dname, args.threads) or {})}
                          for tr in trainers}
         print(f"[speed] {dname}: " + ", ".join(f"{k} {v['pairs_per_s']:.1f} pairs/s" for k, v in train[dname].items()),
               flush=True)
@@ -384,7 +434,7 @@ def markdown(r: dict) -> str:
         f"bf16 {r['matmul_peak_flops']['bf16'] / 1e9:.0f} GFLOP/s.",
         "",
         "| model | params (M) | precision | pairs/s (train) | GFLOP/pair (fwd+bwd) | achieved GFLOP/s | % of peak | "
-        "peak RSS growth / step (MiB) | param+grad+Adam (MiB) |",
+        "peak RSS growth, 2 fresh steps (MiB) | param+grad+Adam (MiB) |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for dname in ("fp32", "bf16"):
@@ -453,7 +503,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--quick", action="store_true", help="a 32-wide model, 2 repeats: seconds (the test)")
+    p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-only", action="store_true", help="only the fresh-process memory probes -> speed_memory.json")
     args = p.parse_args(argv)
+    if args.memory_probe:
+        return memory_probe_main(args.memory_probe)
+    if args.memory_only:
+        return memory_only(args)
     args.argv = argv
     if args.quick:
         args.overrides = args.overrides or ("hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,"
