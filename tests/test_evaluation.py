@@ -79,6 +79,20 @@ def test_max_items_caps_each_suite(model_dir, data_root, tmp_path):
     assert results["pointing_game"]["n_images"] == 7
 
 
+def test_the_clip_baseline_runs_through_the_same_suites(data_root, tmp_path):
+    """train.py --architecture clip saves a plain CLIPModel; run_benchmark evaluates it with the same code."""
+    from conftest import TINY
+    from modeling_oner import OneRConfig
+    from oner.baseline import build_clip, save_clip_folder
+
+    model, processor = build_clip(OneRConfig.from_preset("tiny", **TINY))
+    folder = save_clip_folder(model, processor, tmp_path / "clip")
+    results = run_benchmark(folder, data_root=data_root, output_dir=tmp_path, progress=False, max_items=6)
+    assert [k for k in results if k != "_meta"] == list(DEFAULT_SUITES)
+    assert 0.0 <= results["pointing_game"]["pointing_accuracy"] <= 1.0
+    assert (tmp_path / "eval_results.md").is_file()
+
+
 def test_cli_runs_and_prints_the_table(model_dir, data_root, tmp_path, capsys):
     code = main([str(model_dir), "--suite", "multimodal_retrieval", "--data-root", str(data_root), "--output-dir",
                  str(tmp_path), "--max-items", "5", "--no-progress"])

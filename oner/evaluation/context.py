@@ -46,6 +46,10 @@ def load_model_and_processor(model_dir: str | Path, device: str | torch.device |
         processor = AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=True)
     except (OSError, ValueError, KeyError) as e:
         raise BenchmarkError(f"cannot load a OneR model from {model_dir}: {e}") from e
+    if type(model).__name__ == "CLIPModel":  # the two-tower baseline of train.py --architecture clip
+        from .clip_baseline import clip_adapter
+
+        model = clip_adapter(model)
     for method in ("get_image_features", "get_text_features", "get_patch_features", "get_multimodal_features"):
         if not hasattr(model, method):
             raise BenchmarkError(f"{model_dir} holds a {type(model).__name__}, not a OneR model (no {method})")
