@@ -23,9 +23,9 @@ def test_speed_quick(tmp_path):
     _run(["benchmarks/speed.py", "--quick", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "speed.json").read_text())
     for dtype in ("fp32", "bf16"):
-        assert set(data["train"][dtype]) == {"oner_itc", "oner_default", "clip"}
+        assert set(data["train"][dtype]) == {"oner_itc", "oner_full", "clip"}
         assert all(v["pairs_per_s"] > 0 for v in data["train"][dtype].values())
-        assert data["train_step_flops"][dtype]["oner_default"] > data["train_step_flops"][dtype]["oner_itc"] > 0
+        assert data["train_step_flops"][dtype]["oner_full"] > data["train_step_flops"][dtype]["oner_itc"] > 0
     assert data["matmul_peak_flops"]["fp32"] > 0
     assert len(data["derived"]["targets"]) == 4
     assert "| target |" in (tmp_path / "speed.md").read_text()
@@ -35,7 +35,7 @@ def test_speed_quick(tmp_path):
 def test_gpu_script_on_cpu(tmp_path):
     _run(["benchmarks/gpu.py", "--quick", "--device", "cpu", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "gpu.json").read_text())
-    assert set(data["train"]) == {"oner_itc", "oner_default", "clip"}
+    assert set(data["train"]) == {"oner_itc", "oner_full", "clip"}
     assert data["measured_bf16_matmul_peak_tflops"] > 0
     assert (tmp_path / "gpu.md").is_file()
 

@@ -63,7 +63,7 @@ def test_no_arguments_is_the_tiny_embedded_config():
     default.pop("config")
     assert default == from_file
     assert default["preset"] == "tiny" and default["train_data"] == "embedded"
-    assert default["max_train_minutes"] == 10 and default["objective"] == "xmc+cmc"
+    assert default["max_train_minutes"] == 10 and default["objective"] == "itc"
 
 
 def test_paper_config_parses():
@@ -231,7 +231,7 @@ def test_resume_with_other_settings_is_refused(pairs_dir, tmp_path, capsys):
 
     out = tmp_path / "run"
     assert main(tiny_args(pairs_dir, out, "--max_steps", "2", "--checkpointing_steps", "2")) == 0
-    rc = main(tiny_args(pairs_dir, out, "--max_steps", "4", "--objective", "itc", "--resume_from_checkpoint", "latest"))
+    rc = main(tiny_args(pairs_dir, out, "--max_steps", "4", "--objective", "xmc+cmc", "--resume_from_checkpoint", "latest"))
     assert rc == 1 and "settings differ" in capsys.readouterr().err
 
 

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("objective")
     g.add_argument("--objective", default=DEFAULT_OBJECTIVE,
-                   help="terms joined by '+', each optionally ':weight', from itc, xmc, cic, cmc, mlm (e.g. xmc+cmc:0.5+mlm:0.1)")
+                   help="terms joined by '+', each optionally ':weight', from itc, xmc, cic, cmc, mlm (e.g. itc, xmc+cmc, itc+xmc+cmc:0.5+mlm:0.1)")
     g.add_argument("--pairwise_loss", default="softmax", choices=("softmax", "sigmoid"),
                    help="InfoNCE (CLIP) or the pairwise sigmoid loss (SigLIP) for every contrastive term")
     _flag(g, "--local_loss", False, "score local rows against gathered columns only (open_clip --local-loss)")
