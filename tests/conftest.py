@@ -1,6 +1,7 @@
 """Test-wide settings: offline, no analytics, a temporary HF_HOME, tiny models."""
 
 import os
+import socket
 import tempfile
 
 # Set before transformers/datasets/gradio are imported by any test module.
@@ -14,6 +15,13 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for servers and process groups in tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 # A model small enough for every test to build in milliseconds.
 TINY = dict(

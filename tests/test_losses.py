@@ -2,13 +2,12 @@
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import TINY
+from conftest import TINY, free_port
 from oner.losses import clamp_logit_scale_, pairwise_loss
 
 SETTINGS = [  # (objective, pairwise kind, local_loss)
@@ -116,14 +115,9 @@ def _worker(rank, world_size, port, out_dir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["pid"] != ranks[1]["pid"]  # two real processes ran

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import concurrent.futures
 import json
-import socket
 import struct
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SPACE = REPO / "space"
@@ -41,11 +41,6 @@ def huge_png_header(path: Path, width: int = 20000, height: int = 20000) -> Path
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
     return path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

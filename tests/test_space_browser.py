@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SPACE = REPO / "space"
@@ -38,11 +39,6 @@ pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent: install Debian's chromium (apt-get install -y chromium)"
 )
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
