@@ -32,6 +32,7 @@ ONER_PRESETS: dict[str, dict] = {
 }
 
 PROJECTION_HEADS = ("linear", "mlp")
+POOLINGS = ("cls", "mean", "cls+mean")
 
 
 class OneRConfig(PretrainedConfig):
@@ -53,6 +54,11 @@ class OneRConfig(PretrainedConfig):
         projection_dim (`int`): size of the shared embedding space.
         projection_head (`str`): `"linear"` (CLIP-style, the default) or `"mlp"` (Linear-GELU-Linear,
             MoCo v3-style). The paper says one shared head but not its shape [inferred].
+        pooling (`str`): how a sequence becomes one vector before the shared head [inferred; the paper
+            does not say]. `"cls"`: the shared [CLS] token's output. `"mean"`: the mean of the patch and
+            word outputs (padding excluded, [CLS] excluded), so that, with the linear head, a global
+            score is the mean of the token scores and every contrastive step also shapes the
+            patch-level map used for localization. `"cls+mean"`: the average of the two.
         use_modality_embeddings (`bool`): add a learned image/text type embedding to every token.
             The paper's modality-agnostic aim suggests keeping such pieces minimal; unknown whether
             OneR has one [inferred], so it is a switch (default on, which joint sequences need most).
@@ -80,6 +86,7 @@ class OneRConfig(PretrainedConfig):
         max_position_embeddings: int = 78,
         projection_dim: int = 512,
         projection_head: str = "linear",
+        pooling: str = "cls",
         use_modality_embeddings: bool = True,
         logit_scale_init_value: float = 2.6592,
         initializer_range: float = 0.02,
@@ -95,6 +102,8 @@ class OneRConfig(PretrainedConfig):
             raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
         if projection_head not in PROJECTION_HEADS:
             raise ValueError(f"projection_head must be one of {PROJECTION_HEADS}, got {projection_head!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         for name, value in [
             ("hidden_size", hidden_size),
             ("num_hidden_layers", num_hidden_layers),
@@ -124,6 +133,7 @@ class OneRConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.projection_dim = projection_dim
         self.projection_head = projection_head
+        self.pooling = pooling
         self.use_modality_embeddings = use_modality_embeddings
         self.logit_scale_init_value = logit_scale_init_value
         self.initializer_range = initializer_range

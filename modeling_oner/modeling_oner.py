@@ -3,7 +3,7 @@
 Jang et al., "Unifying Vision-Language Representation Space with Single-tower Transformer",
 AAAI 2023 (arXiv 2211.11153). Only the input embedders are modality-specific: a patch embedding
 and a token embedding, each with its own position embeddings. Everything after them (the
-transformer, the [CLS] pooling, the projection head, the logit scale) is shared, so an image, a
+transformer, the pooling ([CLS] or token mean), the projection head, the logit scale) is shared, so an image, a
 caption and an image+caption sequence all land in one space.
 
 The model stays pure: it encodes, projects and (for CLIP compatibility) scores. The training
@@ -321,7 +321,8 @@ class OneRModel(OneRPreTrainedModel):
 
     Every input becomes one sequence `[CLS] + tokens` for the same encoder:
     image-only `[CLS] + patches`, text-only `[CLS] + words`, joint `[CLS] + patches + words`.
-    The [CLS] output, after the final LayerNorm and the shared head, is the embedding.
+    The pooled output (`config.pooling`: [CLS], token mean or both), after the final LayerNorm and the
+    shared head, is the embedding.
 
     `forward` mirrors `CLIPModel.forward` (images and texts encoded separately, then scored), so
     code written for CLIP and the zero-shot-image-classification pipeline work unchanged.
@@ -406,7 +407,8 @@ class OneRModel(OneRPreTrainedModel):
 
         Returns:
             `BaseModelOutputWithPooling` with `last_hidden_state` `(batch, seq, hidden)` after the
-            final LayerNorm and `pooler_output` `(batch, hidden)`, the [CLS] token.
+            final LayerNorm and `pooler_output` `(batch, hidden)`, pooled as `config.pooling` says
+            (the [CLS] token, the mean of the other non-padding tokens, or the average of both).
         """
         if input_ids is None and pixel_values is None:
             raise ValueError("pass pixel_values, input_ids or both")
@@ -455,10 +457,20 @@ class OneRModel(OneRPreTrainedModel):
         last_hidden_state = self.post_layernorm(encoded.last_hidden_state)
         return BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state,
-            pooler_output=last_hidden_state[:, 0],
+            pooler_output=self.pool(last_hidden_state, key_mask),
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
         )
+
+    def pool(self, last_hidden_state: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """`(batch, seq, hidden)` -> `(batch, hidden)` as `config.pooling` says; `key_mask` `(batch, seq)`
+        is True for [CLS] (position 0) and every non-padding token."""
+        cls = last_hidden_state[:, 0]
+        if self.config.pooling == "cls":
+            return cls
+        tokens = key_mask[:, 1:, None].to(last_hidden_state.dtype)
+        mean = (last_hidden_state[:, 1:] * tokens).sum(dim=1) / tokens.sum(dim=1).clamp(min=1)
+        return mean if self.config.pooling == "mean" else (cls + mean) / 2
 
     @staticmethod
     def _cross_modal_mask(key_mask: torch.Tensor, num_image_tokens: int) -> torch.Tensor:

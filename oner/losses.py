@@ -109,6 +109,29 @@ def sigmoid_pairwise_loss(
         return -F.logsigmoid(signs * logits).sum() / len(rows)
 
 
+def soft_target_loss(
+    queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE with soft targets: `(CE(q -> k, T) + CE(k -> q, T^t)) / 2`.
+
+    Unlike the functions above it does not gather: pass GLOBAL `queries` and `keys` (the caller
+    gathers with `gather_with_grad`, as the cross-pair mixup must mix rows of other ranks).
+
+    Args:
+        queries, keys: `(N, d)` L2-normalised.
+        targets: `(N, N)`, each row and each column summing to 1 (e.g. a mix of the identity and a
+            permutation), so that both directions are proper distributions.
+        logit_scale: scalar, log inverse temperature.
+    """
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        if targets.shape != (len(queries), len(keys)):
+            raise ValueError(f"targets {tuple(targets.shape)} do not match {len(queries)} queries x {len(keys)} keys")
+        logits = logit_scale.float().exp() * queries.float() @ keys.float().t()
+        loss_q = F.cross_entropy(logits, targets)
+        loss_k = F.cross_entropy(logits.t(), targets.t())
+        return (loss_q + loss_k) / 2
+
+
 def pairwise_loss(
     queries: torch.Tensor,
     keys: torch.Tensor,

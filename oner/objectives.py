@@ -31,9 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import PAIRWISE_KINDS, pairwise_loss
+from .losses import PAIRWISE_KINDS, gather_with_grad, pairwise_loss, soft_target_loss
 
 TERMS = ("itc", "xmc", "cic", "cmc", "mlm")
+# How XMC builds its mixup (docs/method.md): the paper's "same-pair" mix of image i and text i, or
+# our "cross-pair" mix of image i and the text of ANOTHER pair, scored with soft targets.
+XMC_FORMS = ("same-pair", "cross-pair")
 # Which encoder passes each term needs: image-only, text-only, joint full attention, joint
 # cross-modal attention, joint with masked text.
 _NEEDS = {
@@ -95,6 +98,15 @@ class ObjectiveConfig:
         momentum: EMA momentum of a target encoder that produces the mixup targets `m` (without
             gradient), MoCo v3 style; 0 turns it off (the default) [inferred].
         sigmoid_bias_init: SigLIP's initial logit bias (-10) [SigLIP].
+        xmc_form: `"same-pair"` (`m_i` mixes image i and text i; each modality can match "its own
+            half" of `m` without any cross-modal alignment, see docs/method.md) or `"cross-pair"`
+            (ours: `m_i` mixes image i with text i+1 of the global batch and is scored against
+            the images and against the texts with soft targets, `lam` on pair i and `1 - lam` on
+            pair i+1, so half of every target is reachable only through cross-modal alignment).
+        cmc_fraction: fraction of each micro-batch (its first rows) that gets the joint pass of
+            `cmc`, trading the joint space's training for speed (1 = every row) [ours].
+        temperature: a FIXED temperature (MoCo v3 uses 0.2) instead of the learned logit scale;
+            None keeps it learned (CLIP) [inferred].
     """
 
     weights: dict[str, float] = field(default_factory=lambda: parse_objective(DEFAULT_OBJECTIVE))
@@ -104,6 +116,9 @@ class ObjectiveConfig:
     mlm_probability: float = 0.15
     momentum: float = 0.0
     sigmoid_bias_init: float = -10.0
+    xmc_form: str = "same-pair"
+    cmc_fraction: float = 1.0
+    temperature: float | None = None
 
     def __post_init__(self) -> None:
         if self.pairwise not in PAIRWISE_KINDS:
@@ -114,6 +129,14 @@ class ObjectiveConfig:
             raise ValueError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.xmc_form not in XMC_FORMS:
+            raise ValueError(f"xmc_form must be one of {XMC_FORMS}, got {self.xmc_form!r}")
+        if self.xmc_form == "cross-pair" and self.pairwise != "softmax":
+            raise ValueError("xmc_form 'cross-pair' scores soft targets and needs the softmax pairwise loss")
+        if not 0.0 < self.cmc_fraction <= 1.0:
+            raise ValueError(f"cmc_fraction must be in (0, 1], got {self.cmc_fraction}")
+        if self.temperature is not None and not 0.0 < self.temperature <= 1.0:
+            raise ValueError(f"temperature must be in (0, 1] (or None for a learned one), got {self.temperature}")
 
     @property
     def passes(self) -> set[str]:
@@ -235,6 +258,11 @@ class OneRPretrainer(nn.Module):
         self.logit_bias = (
             nn.Parameter(torch.tensor(float(config.sigmoid_bias_init))) if config.pairwise == "sigmoid" else None
         )
+        if config.temperature is not None:
+            # Saved with the model, so that its logits are those it was trained with.
+            with torch.no_grad():
+                model.logit_scale.fill_(math.log(1.0 / config.temperature))
+            model.logit_scale.requires_grad_(False)
 
     def forward(
         self,
@@ -245,7 +273,10 @@ class OneRPretrainer(nn.Module):
         mlm_labels: torch.Tensor | None = None,
         **unused,
     ) -> dict[str, torch.Tensor]:
-        out = encode_pairs(self.model, input_ids, attention_mask, pixel_values, self.passes)
+        joint_rows = None
+        if self.objective.cmc_fraction < 1.0:
+            joint_rows = max(1, math.ceil(self.objective.cmc_fraction * len(input_ids)))
+        out = encode_pairs(self.model, input_ids, attention_mask, pixel_values, self.passes, joint_rows)
         if self.mlm_head is not None:
             if mlm_input_ids is None or mlm_labels is None:
                 raise ValueError("the mlm term needs mlm_input_ids and mlm_labels (see whole_word_mask)")
@@ -271,8 +302,10 @@ def encode_pairs(
     attention_mask: torch.Tensor,
     pixel_values: torch.Tensor,
     passes: set[str],
+    joint_rows: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Normalised embeddings of the requested passes (`image`, `text`, `joint`, `cross`), each `(n, d)`."""
+    """Normalised embeddings of the requested passes (`image`, `text`, `joint`, `cross`), each `(n, d)`;
+    the `joint` pass (full attention) only of the first `joint_rows` pairs when given."""
     out: dict[str, torch.Tensor] = {}
     if "image" in passes:
         out["image"] = _normalize(model.get_image_features(pixel_values=pixel_values))
@@ -280,11 +313,12 @@ def encode_pairs(
         out["text"] = _normalize(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
     for name, cross in (("joint", False), ("cross", True)):
         if name in passes:
+            rows = slice(None) if cross or joint_rows is None else slice(0, joint_rows)
             out[name] = _normalize(
                 model.get_multimodal_features(
-                    input_ids=input_ids,
-                    pixel_values=pixel_values,
-                    attention_mask=attention_mask,
+                    input_ids=input_ids[rows],
+                    pixel_values=pixel_values[rows],
+                    attention_mask=attention_mask[rows],
                     cross_modal_attention=cross,
                 )
             )
@@ -337,13 +371,34 @@ class Objective:
         if w.get("itc", 0) > 0:
             parts["itc"] = self._pair(z_i, z_t, features)
         if w.get("xmc", 0) > 0:
-            parts["xmc"] = (self._pair(z_i, m, features) + self._pair(z_t, m, features)) / 2
+            if self.config.xmc_form == "cross-pair":
+                parts["xmc"] = self.cross_pair_xmc(z_i, z_t, features["logit_scale"])
+            else:
+                parts["xmc"] = (self._pair(z_i, m, features) + self._pair(z_t, m, features)) / 2
         if w.get("cic", 0) > 0:
             parts["cic"] = self._pair(features["cross"], m, features)
         if w.get("cmc", 0) > 0:
-            parts["cmc"] = self._pair(features["joint"], m, features)
-        total = sum(w[name] * value for name, value in parts.items())
+            joint = features["joint"]  # the first rows only when cmc_fraction < 1
+            parts["cmc"] = self._pair(joint, m[: len(joint)], features)
+        total = sum(w[name] * parts[name] for name in w if name in parts)
+        if z_i is not None and z_t is not None:
+            parts.update(modality_gap(z_i, z_t))  # logged, never weighted
         return total, parts
+
+    def cross_pair_xmc(self, z_i: torch.Tensor, z_t: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        """XMC with the mixup across pairs (see `ObjectiveConfig.xmc_form`), over the global batch.
+
+        `m_i = normalize(lam * z_I[i] + (1 - lam) * z_T[i+1])`, scored against every image and every
+        text with targets `lam` on column i and `1 - lam` on column i+1: the image half of `m_i`
+        points at image i directly and at text i only through alignment; the text half points at
+        text i+1 directly and at image i+1 only through alignment.
+        """
+        all_i, all_t = gather_with_grad(z_i), gather_with_grad(z_t)
+        lam = self.config.mix_weight
+        m = mixup(all_i, all_t.roll(-1, dims=0), lam)
+        n = len(all_i)
+        targets = lam * torch.eye(n, device=m.device) + (1 - lam) * torch.eye(n, device=m.device).roll(1, dims=1)
+        return (soft_target_loss(m, all_i, targets, logit_scale) + soft_target_loss(m, all_t, targets, logit_scale)) / 2
 
     def mlm_loss(self, mlm_sum: torch.Tensor, mlm_count: torch.Tensor | int) -> torch.Tensor:
         """Weighted mean token cross-entropy; `mlm_count` is the masked-token count of the whole local batch."""
@@ -358,6 +413,28 @@ class Objective:
             parts["mlm"] = features["mlm_sum"] / max(int(features["mlm_count"]), 1)
             total = total + self.mlm_loss(features["mlm_sum"], features["mlm_count"])
         return total, parts
+
+
+@torch.no_grad()
+def modality_gap(z_i: torch.Tensor, z_t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How far apart the two modalities sit in the shared space (logged during training).
+
+    - `gap/centroid_distance`: `|mean(z_I) - mean(z_T)|` (Liang et al. 2022's modality gap);
+    - `gap/modality_probe_acc`: accuracy of the linear classifier along the centroid difference
+      (threshold halfway) that tells an image embedding from a text embedding: 0.5 = one mixed
+      space, 1.0 = separable modalities (the "each modality matches its own half" shortcut);
+    - `gap/pair_cosine`: mean cosine between an image and its own caption.
+    """
+    z_i, z_t = z_i.float(), z_t.float()
+    c_i, c_t = z_i.mean(0), z_t.mean(0)
+    direction = c_i - c_t
+    threshold = direction @ (c_i + c_t) / 2
+    correct = (z_i @ direction > threshold).float().sum() + (z_t @ direction <= threshold).float().sum()
+    return {
+        "gap/centroid_distance": direction.norm(),
+        "gap/modality_probe_acc": correct / (len(z_i) + len(z_t)),
+        "gap/pair_cosine": (z_i * z_t).sum(-1).mean(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------

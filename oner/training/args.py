@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--text_augment", True, "pick one of a pair's captions and whole-word-mask it (see --caption_mask_probability)")
     g.add_argument("--caption_mask_probability", type=float, default=0.15,
                    help="words of the training caption replaced by [MASK] as augmentation [code]")
-    g.add_argument("--dataloader_num_workers", type=int, default=1)
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="loader processes; 0 loads in the training process (cheap for the embedded data, and no worker competes with the compute threads)")
 
     g = p.add_argument_group("objective")
     g.add_argument("--objective", default=DEFAULT_OBJECTIVE,
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--local_loss", False, "score local rows against gathered columns only (open_clip --local-loss)")
     g.add_argument("--mix_weight", type=float, default=0.5, help="lam of the mixup lam*z_I + (1-lam)*z_T [inferred]")
     g.add_argument("--mlm_probability", type=float, default=0.15, help="fraction of caption words masked for the mlm term")
+    g.add_argument("--xmc_form", default="same-pair", choices=("same-pair", "cross-pair"),
+                   help="XMC's mixup: image i + text i (paper, inferred) or image i + text of another pair with soft targets (ours; no shortcut)")
+    g.add_argument("--cmc_fraction", type=float, default=1.0,
+                   help="fraction of each batch that gets CMC's joint pass (1 = all); the joint pass costs about as much as the image and text passes together")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="fixed temperature of every contrastive term (MoCo v3: 0.2); unset = learned logit scale (CLIP)")
     g.add_argument("--momentum", type=float, default=0.0,
                    help="EMA target encoder momentum (cosine to 1) producing the mixup targets; 0 = off [inferred]")
 
@@ -92,8 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--lr_scheduler_type", default="cosine", choices=("cosine", "linear", "constant"))
     g.add_argument("--warmup_steps", type=int, default=50)
-    g.add_argument("--mixed_precision", default="no", choices=MIXED_PRECISION,
-                   help="accelerate's mixed precision; fp32 = no. bf16 works on GPUs and on CPUs with AVX-512 BF16")
+    g.add_argument("--mixed_precision", default=None, choices=MIXED_PRECISION,
+                   help="fp32 = no. Unset: what accelerate config / accelerate launch --mixed_precision chose, else "
+                   "bf16 where the device computes it natively (GPUs with bf16, CPUs with AVX-512 BF16 or AMX), else fp32")
+    g.add_argument("--num_threads", type=int, default=None,
+                   help="torch CPU threads per process. Unset: OMP_NUM_THREADS, except accelerate launch's default 1, "
+                   "which becomes the cores per local process")
     _flag(g, "--gradient_checkpointing", False, "recompute activations in the backward pass (less memory, ~30%% slower)")
     g.add_argument("--max_nonfinite_steps", type=int, default=5,
                    help="stop after this many consecutive steps with a NaN/inf loss or gradient (each is skipped)")
@@ -159,7 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     defaults[action.dest] = action.type(defaults[action.dest])
                 except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
                     parser.error(f"--config {first.config}: {action.dest}: {e}")
-            if action.dest in defaults and action.choices and defaults[action.dest] not in action.choices:
+            if (action.dest in defaults and action.choices and defaults[action.dest] is not None
+                    and defaults[action.dest] not in action.choices):
                 parser.error(f"--config {first.config}: {action.dest} must be one of {list(action.choices)}")
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
@@ -174,6 +186,16 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error(f"--objective: {e}")
     if args.architecture == "clip" and set(args.objective_weights) != {"itc"}:
         parser.error(f"--architecture clip trains with ITC only (two towers have no joint pass); got --objective {args.objective}")
+    try:
+        from oner.objectives import ObjectiveConfig
+
+        ObjectiveConfig(weights=args.objective_weights, pairwise=args.pairwise_loss, mix_weight=args.mix_weight,
+                        mlm_probability=args.mlm_probability, momentum=args.momentum, xmc_form=args.xmc_form,
+                        cmc_fraction=args.cmc_fraction, temperature=args.temperature)
+    except ValueError as e:
+        parser.error(f"objective settings: {e}")
+    if args.cmc_fraction < 1.0 and args.accum_freq > 1:
+        parser.error("--cmc_fraction below 1 works with --accum_freq 1 only (the cached features would not line up)")
     if args.mixed_precision == "fp32":
         args.mixed_precision = "no"
     for name in ("per_device_batch_size", "accum_freq", "max_nonfinite_steps", "logging_steps"):
@@ -197,6 +219,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             resolve_token()
         except PushError as e:
             parser.error(f"--push_to_hub: {e}")
+    if args.num_threads is not None and args.num_threads < 1:
+        parser.error("--num_threads must be >= 1")
     if args.dataloader_num_workers < 0:
         parser.error("--dataloader_num_workers must be >= 0")
     try:

@@ -16,11 +16,18 @@ import torch
 from oner.data import ImageAugment, ImageTextCollator, TextAugment, flip_allowed, load_image_text_dataset
 
 
+# Decoded samples kept in memory, per loading process, up to this many bytes of pixels: the embedded
+# data (about 60 MB decoded) is decoded once instead of once per epoch; a large data set fills the
+# budget and the rest is decoded on every visit, as before.
+DECODED_CACHE_BYTES = 1 << 30
+
+
 class AugmentedPairs(torch.utils.data.Dataset):
     """Wraps a map-style `ImageTextDataset`; item `i` of epoch `e` is augmented with RNG `(seed, e, i)`.
 
     Items are `{"image": PIL, "text": str, "captions": [str]}` or `None` for a damaged sample (the
-    collator drops and counts it).
+    collator drops and counts it). Decoded samples are cached (see `DECODED_CACHE_BYTES`); damaged
+    ones are not, so each visit counts them again, as without the cache.
     """
 
     def __init__(
@@ -37,6 +44,8 @@ class AugmentedPairs(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.length = len(dataset) if limit is None else min(int(limit), len(dataset))
+        self._decoded: dict[int, dict] = {}
+        self._decoded_bytes = 0
 
     @property
     def stats(self):
@@ -48,8 +57,20 @@ class AugmentedPairs(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def _decoded_sample(self, index: int) -> dict | None:
+        sample = self._decoded.get(index)
+        if sample is not None:
+            self.stats.record("ok")  # counted per visit, as an uncached read does
+        else:
+            sample = self.dataset[index]
+            if sample is not None and self._decoded_bytes < DECODED_CACHE_BYTES:
+                width, height = sample["image"].size
+                self._decoded[index] = sample
+                self._decoded_bytes += width * height * len(sample["image"].getbands())
+        return sample
+
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        sample = self.dataset[index]
+        sample = self._decoded_sample(int(index))
         if sample is None:
             return None
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])

@@ -23,10 +23,14 @@ from oner.objectives import EMATarget, Objective, ObjectiveConfig, OneRPretraine
 from .args import parse_args
 from .checkpointing import TrainState, check_checkpoint, list_checkpoints, resolve_resume, save_checkpoint
 from .data import make_dataloader, open_train_data
+from .runtime import choose_mixed_precision, configure_threads
 from .step import forward_backward
 from .tracking import PLOT_NAME, TrainingLog, format_eta, plot_loss_curve
 
-ESTIMATE_AFTER_STEPS = 5  # steps timed (after the first) to turn a time budget into a schedule length
+# A time budget becomes a schedule length once, from the steps timed after the first one (which pays
+# one-off costs): at the end of the warm-up, when at least this many steps were timed, and at most
+# this many, so that the cosine has a fixed length long before it matters.
+ESTIMATE_MIN_STEPS, ESTIMATE_MAX_STEPS = 20, 200
 # Settings that must match between a checkpoint and the run resuming it.
 RESUME_MUST_MATCH = ("preset", "config_overrides", "architecture", "objective", "per_device_batch_size", "accum_freq", "pairwise_loss")
 
@@ -51,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def make_accelerator(args) -> Accelerator:
+    """The run's Accelerator; `args.mixed_precision` is resolved here (see `oner.training.runtime`)."""
+    args.mixed_precision, args.mixed_precision_reason = choose_mixed_precision(args.mixed_precision, _device_type())
     log_with = None
     if args.report_to not in ("none", "", None):
         from accelerate.utils import is_tensorboard_available
@@ -70,6 +76,12 @@ def make_accelerator(args) -> Accelerator:
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
+
+
+def _device_type() -> str:
+    if not _has_accelerator_device():
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "other"
 
 
 def _has_accelerator_device() -> bool:
@@ -109,6 +121,9 @@ def objective_config(args) -> ObjectiveConfig:
         mix_weight=args.mix_weight,
         mlm_probability=args.mlm_probability,
         momentum=args.momentum,
+        xmc_form=args.xmc_form,
+        cmc_fraction=args.cmc_fraction,
+        temperature=args.temperature,
     )
 
 
@@ -170,7 +185,13 @@ def check_resume_compatible(args, checkpoint: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def estimate_window(args) -> int:
+    """Steps timed before a time budget is turned into a schedule length (see ESTIMATE_MIN_STEPS)."""
+    return min(max(args.warmup_steps, ESTIMATE_MIN_STEPS), ESTIMATE_MAX_STEPS)
+
+
 def train(args) -> int:
+    threads, threads_reason = configure_threads(args.num_threads)
     accelerator = make_accelerator(args)
     set_seed(args.seed)
     is_main = accelerator.is_main_process
@@ -243,8 +264,11 @@ def train(args) -> int:
     accelerator.print(
         f"training {args.architecture} ({args.preset}, {n_params / 1e6:.1f}M parameters) on {len(dataset)} pairs "
         f"from {args.train_data}; {accelerator.num_processes} process(es), {global_batch} pairs per step, "
-        f"objective {args.objective}, mixed precision {args.mixed_precision}"
+        f"objective {args.objective}"
     )
+    accelerator.print(f"compute: {accelerator.device}, {threads} torch thread(s) per process ({threads_reason}); "
+                      f"mixed precision {args.mixed_precision} ({args.mixed_precision_reason}); "
+                      f"{args.dataloader_num_workers} data-loader worker(s)")
     bar = tqdm(total=state.total_steps or None, initial=state.step, disable=not is_main, desc="training",
                dynamic_ncols=True)
     start, start_seconds, start_step = time.monotonic(), state.train_seconds, state.step
@@ -290,7 +314,7 @@ def train(args) -> int:
             state.train_seconds = start_seconds + elapsed
 
             # Turn the time budget into a schedule length once, identically on every process.
-            if state.total_steps == 0 and state.step == start_step + 1 + ESTIMATE_AFTER_STEPS:
+            if state.total_steps == 0 and state.step == start_step + 1 + estimate_window(args):
                 timer_steps = state.step - start_step - 1
                 per_step = (elapsed - timer) / timer_steps
                 estimate = [state.step + int((budget - state.train_seconds) / per_step)]
@@ -361,7 +385,8 @@ def log_step(accelerator, log, state, loss, parts, grad_norm, scheduler, pretrai
     loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
     record = {"step": state.step, "loss": loss_value}
     for name, value in parts.items():
-        record[f"loss/{name}"] = accelerator.reduce(value.detach().float(), reduction="mean").item()
+        key = name if "/" in name else f"loss/{name}"  # modality-gap statistics come as "gap/..."
+        record[key] = accelerator.reduce(value.detach().float(), reduction="mean").item()
     timed_steps = state.step - start_step - 1
     per_step = (elapsed - timer) / timed_steps if timer is not None and timed_steps > 0 else elapsed
     remaining = max(state.total_steps - state.step, 0) if state.total_steps else 0

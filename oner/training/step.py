@@ -105,7 +105,8 @@ def _cached_forward_backward(model, objective, micro_batches, accelerator, ema, 
         loss = loss + objective.mlm_loss(mlm_sum, mlm_count)
     if poison:
         loss = loss * float("nan")
-    contrastive = sum(objective.config.weights[name] * parts[name] for name in parts if name != "mlm")
+    contrastive = sum(weight * parts[name] for name, weight in objective.config.weights.items()
+                      if name in parts and name != "mlm")
     grads = torch.autograd.grad(contrastive, list(leaves.values()), allow_unused=True) if leaves else []
     grads = {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, grads)}
     if poison:

@@ -1,0 +1,116 @@
+"""How a training process uses its machine: CPU threads and mixed precision.
+
+Both are decided once, at start, and logged. The user's explicit choice always wins; the
+automatic choice only replaces launcher DEFAULTS that would leave the machine half used:
+
+- threads: `accelerate launch` sets `OMP_NUM_THREADS=1` whenever `--num_cpu_threads_per_process`
+  is not given, so a CPU run would use one core of many. When the process was started by a
+  launcher (`accelerate launch`, torchrun) and `OMP_NUM_THREADS` is that default `1`, or when it is unset,
+  torch gets the cores this process may run on (its CPU affinity) divided by the processes on this
+  machine. `--num_threads N` or an `OMP_NUM_THREADS` other than 1 is taken as given; so is a
+  `OMP_NUM_THREADS=1` exported for a plain `python train.py` (no launcher).
+- precision: `--mixed_precision` if given; else what `accelerate config` / `accelerate launch
+  --mixed_precision` chose (`ACCELERATE_MIXED_PRECISION`), unless that is the launcher's own
+  default `no` with no accelerate config file; else bf16 where the device computes it natively
+  (a CUDA GPU with bf16, or a CPU with AVX-512 BF16 or AMX) and fp32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask, e.g. under `taskset`), else the CPU count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def local_processes() -> int:
+    """Processes of this job on this machine (torchrun/accelerate set `LOCAL_WORLD_SIZE`)."""
+    try:
+        return max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
+
+
+def launched_by_launcher() -> bool:
+    """True under `accelerate launch` (every launcher path sets `ACCELERATE_DYNAMO_BACKEND`) or torchrun
+    (`LOCAL_RANK`)."""
+    return "ACCELERATE_DYNAMO_BACKEND" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def choose_num_threads(requested: int | None) -> tuple[int, str]:
+    """`(threads, reason)` for torch's intra-op pool on this process (see the module doc)."""
+    if requested:
+        return requested, "--num_threads"
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    fair_share = max(available_cores() // local_processes(), 1)
+    if not omp:
+        return fair_share, f"{available_cores()} cores / {local_processes()} process(es) on this machine"
+    try:
+        value = int(omp)
+    except ValueError:
+        return fair_share, f"OMP_NUM_THREADS={omp!r} is not a number; {fair_share} = cores / processes"
+    if value == 1 and launched_by_launcher():
+        return fair_share, (
+            f"OMP_NUM_THREADS=1 is the launcher's default; {available_cores()} cores / {local_processes()} "
+            "process(es) (pass --num_threads 1 to keep one)"
+        )
+    return max(value, 1), "OMP_NUM_THREADS"
+
+
+def configure_threads(requested: int | None) -> tuple[int, str]:
+    """Set torch's intra-op threads as `choose_num_threads` says; returns what it chose and why."""
+    threads, reason = choose_num_threads(requested)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads, reason
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX-BF16 in the CPU flags (Linux `/proc/cpuinfo`); False when unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def device_has_native_bf16(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return cpu_has_native_bf16()
+    return False  # MPS, XPU, ...: leave it to the user
+
+
+def _accelerate_config_file_exists() -> bool:
+    if os.environ.get("ACCELERATE_CONFIG_FILE"):
+        return Path(os.environ["ACCELERATE_CONFIG_FILE"]).is_file()
+    try:
+        from accelerate.commands.config import default_config_file
+    except ImportError:  # pragma: no cover - accelerate moved it
+        return False
+    return Path(default_config_file).is_file()
+
+
+def choose_mixed_precision(requested: str | None, device_type: str) -> tuple[str, str]:
+    """`(mode, reason)`: `no`, `bf16` or `fp16` for `Accelerator(mixed_precision=...)`."""
+    if requested:
+        return ("no" if requested == "fp32" else requested), "--mixed_precision"
+    from_launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if from_launcher and (from_launcher != "no" or _accelerate_config_file_exists()):
+        return from_launcher, "accelerate config / accelerate launch --mixed_precision"
+    if device_has_native_bf16(device_type):
+        return "bf16", f"the {device_type} computes bf16 natively"
+    return "no", f"no native bf16 on the {device_type}"
