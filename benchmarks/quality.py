@@ -6,13 +6,15 @@ Every run is `python train.py ...` (the project's own training code, as a subpro
 benchmark: `oner.evaluation.run_benchmark`, run by train.py's own `--do_eval` for both architectures
 (a CLIPModel folder goes through `oner.evaluation.clip_baseline.clip_adapter`).
 
-Results are written incrementally, one JSON line per finished run, to
-`benchmarks/results/quality_runs.jsonl`; a rerun skips runs already there (resumable). The summary
-(`quality.json`, `quality.md`, `quality_ablation.png`) is rebuilt from the lines after every run.
+Two grids (`GRIDS`): `ablation` (the objectives, on the current default recipe) and `recipe` (size,
+resolution, batch, learning rate). Results are written incrementally, one JSON line per finished
+run, to `benchmarks/results/<grid>_runs.jsonl`; a rerun skips runs already there (resumable, e.g.
+under `nohup`). The summary (`<grid>.json`, `<grid>.md`, `<grid>.png`) is rebuilt after every run.
 
-    python benchmarks/quality.py --budget-minutes 1.25 --seeds 0 1 2      # the grid (about an hour)
-    python benchmarks/quality.py --report-only                            # rebuild the tables
-    touch benchmarks/results/quality.pause                                # pause between runs (speed.py runs quiet)
+    nohup python benchmarks/quality.py --grid ablation --budget-minutes 5 --seeds 0 1 2 &   # 2 runs at a time, 1 thread each
+    python benchmarks/quality.py --grid recipe --budget-minutes 5 --seeds 0
+    python benchmarks/quality.py --grid ablation --report-only            # rebuild the tables
+    touch benchmarks/results/quality.pause                                # pause before the next run starts
     python benchmarks/quality.py --quick --out /tmp/q                     # seconds: the test
 """
 
@@ -24,27 +26,54 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, loadavg, machine, write_json  # noqa: E402
 
-# name -> train.py settings. Order matters: `xmc+cmc+ema` reads the steps reached by `xmc+cmc`.
-CONFIGS: dict[str, dict] = {
-    "clip (two towers, ITC)": dict(architecture="clip", objective="itc"),
-    "oner itc (naive)": dict(objective="itc"),
-    "oner xmc": dict(objective="xmc"),
-    "oner xmc+cic": dict(objective="xmc+cic"),
-    "oner xmc+cmc": dict(objective="xmc+cmc"),
-    "oner xmc+cic+cmc": dict(objective="xmc+cic+cmc"),
-    "oner xmc+cmc+ema": dict(objective="xmc+cmc", momentum=0.99),
-    "oner xmc+cmc+mlm": dict(objective="xmc+cmc+mlm"),
-    # Not in the paper's ablation: ITC's direct alignment plus the mixup terms (added after the grid
-    # showed XMC alone aligning nothing at this scale).
-    "oner itc+xmc+cmc": dict(objective="itc+xmc+cmc"),
+# Grids: row name -> train.py flags. Every run starts from train.py's defaults (= the embedded default,
+# configs/tiny-embedded.yaml), so the ablation always measures the current default recipe and each row
+# names only what it changes.
+SMALL = (
+    "hidden_size=128,intermediate_size=512,num_attention_heads=4,projection_dim=128,image_size=32,patch_size=4,pooling=mean"
+)
+GRIDS: dict[str, dict[str, dict]] = {
+    # The objective ablation of docs/benchmarks.md (rows in the paper's order, then ours).
+    "ablation": {
+        "clip (two towers, ITC)": dict(architecture="clip", objective="itc"),
+        "oner itc (naive)": dict(objective="itc"),
+        "oner xmc (same-pair)": dict(objective="xmc", xmc_form="same-pair"),
+        "oner xmc (cross-pair)": dict(objective="xmc", xmc_form="cross-pair"),
+        "oner xmc+cic": dict(objective="xmc+cic", xmc_form="cross-pair"),
+        "oner xmc+cmc": dict(objective="xmc+cmc", xmc_form="cross-pair"),
+        "oner default": dict(),
+    },
+    # Size, resolution, batch and learning rate at equal wall-clock (issue: a preset chosen by time-to-quality).
+    "recipe": {
+        "w128 L4 32px/4 b128 lr1e-3": dict(config_overrides=SMALL, per_device_batch_size=128, learning_rate=1e-3),
+        "w128 L4 32px/4 b128 lr1e-3 cls-pooling": dict(config_overrides=SMALL.replace("pooling=mean", "pooling=cls"),
+                                                       per_device_batch_size=128, learning_rate=1e-3),
+        "w192 L4 32px/4 b128 lr1e-3": dict(config_overrides=SMALL.replace("hidden_size=128", "hidden_size=192")
+                                           .replace("intermediate_size=512", "intermediate_size=768")
+                                           .replace("num_attention_heads=4", "num_attention_heads=3"),
+                                           per_device_batch_size=128, learning_rate=1e-3),
+        "w128 L6 32px/4 b128 lr1e-3": dict(config_overrides=SMALL + ",num_hidden_layers=6", per_device_batch_size=128,
+                                           learning_rate=1e-3),
+        "w128 L2 32px/4 b128 lr1e-3": dict(config_overrides=SMALL + ",num_hidden_layers=2", per_device_batch_size=128,
+                                           learning_rate=1e-3),
+        "w128 L4 48px/6 b128 lr1e-3": dict(config_overrides=SMALL.replace("image_size=32", "image_size=48")
+                                           .replace("patch_size=4", "patch_size=6"),
+                                           per_device_batch_size=128, learning_rate=1e-3),
+        "w128 L4 32px/4 b64 lr1e-3": dict(config_overrides=SMALL, per_device_batch_size=64, learning_rate=1e-3),
+        "w128 L4 32px/4 b256 lr2e-3": dict(config_overrides=SMALL, per_device_batch_size=256, learning_rate=2e-3),
+        "w128 L4 32px/4 b128 lr3e-3": dict(config_overrides=SMALL, per_device_batch_size=128, learning_rate=3e-3),
+        "tiny (w256 64px/8) b64 lr5e-4": dict(config_overrides="pooling=mean"),
+    },
 }
-QUICK_CONFIGS = ["clip (two towers, ITC)", "oner xmc+cmc"]
+QUICK_ROWS = ["clip (two towers, ITC)", "oner xmc (cross-pair)"]
 
 # (column, suite, metric): what goes into the table (everything is kept in the JSON lines).
 METRICS = [
@@ -65,9 +94,6 @@ METRICS = [
 SCORE = ["openmoji i2t R@5", "openmoji t2i R@5", "zs names100 top1", "zs group top1", "pointing",
          "text-guided pointing", "multimodal R@5"]
 
-# A small model so that a short budget still trains: 2 cores, shared with other work.
-DEFAULT_OVERRIDES = ("hidden_size=64,intermediate_size=256,num_hidden_layers=4,num_attention_heads=2,projection_dim=64,"
-                     "image_size=32,patch_size=4")
 QUICK_OVERRIDES = ("hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,projection_dim=32,"
                    "image_size=32,patch_size=8,max_position_embeddings=16")
 
@@ -89,54 +115,34 @@ def read_runs(path: Path) -> list[dict]:
     return out
 
 
-def train_command(name: str, seed: int, args, run_dir: Path, max_steps: int | None) -> list[str]:
-    cfg = CONFIGS[name]
-    arch = cfg.get("architecture", "oner")
+def train_command(flags: dict, seed: int, args, run_dir: Path) -> list[str]:
+    """`python train.py` with the run's flags; everything else is train.py's default."""
     cmd = [
         sys.executable, str(ROOT / "train.py"),
-        "--architecture", arch,
-        "--objective", cfg["objective"],
         "--seed", str(seed),
         "--output_dir", str(run_dir),
         "--max_train_minutes", str(args.budget_minutes),
-        "--per_device_batch_size", str(args.batch_size),
-        "--config_overrides", args.overrides,
         "--report_to", "none",
         "--checkpointing_steps", "0",
-        "--logging_steps", "5",
-        "--warmup_steps", str(args.warmup_steps),
-        "--dataloader_num_workers", str(args.workers),
         "--do_eval", "true",
     ]
     if args.eval_max_items:
         cmd += ["--eval_max_items", str(args.eval_max_items)]
-    if args.max_train_samples:
-        cmd += ["--max_train_samples", str(args.max_train_samples)]
-    if cfg.get("momentum"):
-        cmd += ["--momentum", str(cfg["momentum"])]
-    if max_steps:
-        cmd += ["--max_steps", str(max_steps)]
+    for key, value in {**flags, **args.extra_flags}.items():  # --quick shrinks every row
+        cmd += [f"--{key}", str(value)]
     return cmd
 
 
-def ema_steps(runs: list[dict], seed: int, budget: float) -> int:
-    """`--momentum` needs a schedule length: the steps `oner xmc+cmc` reached in the same budget
-    (same seed if done, else any), times 0.8 for the EMA encoder's extra no-grad passes."""
-    base = [r for r in runs if r["config"] == "oner xmc+cmc" and r.get("steps") and r.get("budget_minutes") == budget]
-    same = [r for r in base if r["seed"] == seed]
-    pick = same or base
-    if not pick:
-        return max(int(20 * budget), 5)
-    return max(int(0.8 * pick[0]["steps"]), 5)
+def run_dir_name(name: str, seed: int) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in name) + f"-s{seed}"
 
 
-def one_run(name: str, seed: int, args, runs: list[dict]) -> dict:
-    run_dir = Path(args.workdir) / f"{name.replace(' ', '_').replace('(', '').replace(')', '').replace(',', '')}-s{seed}"
-    max_steps = ema_steps(runs, seed, args.budget_minutes) if CONFIGS[name].get("momentum") else None
-    cmd = train_command(name, seed, args, run_dir, max_steps)
+def one_run(name: str, seed: int, args) -> dict:
+    run_dir = Path(args.workdir) / run_dir_name(name, seed)
+    cmd = train_command(args.rows[name], seed, args, run_dir)
     env = dict(os.environ)
-    # One thread per process: on a shared 2-core machine two OpenMP threads spin-wait on each other
-    # whenever another process holds a core; measured 10-20x slower steps at load 6 (docs/benchmarks.md).
+    # Threads per run: two runs side by side get one each (two 2-thread runs on 2 cores spin-wait on
+    # each other, docs/benchmarks.md); train.py takes an explicit OMP_NUM_THREADS as given.
     env["OMP_NUM_THREADS"] = str(args.threads)
     if args.data_home:
         env["ONER_DATA_HOME"] = str(args.data_home)
@@ -147,14 +153,19 @@ def one_run(name: str, seed: int, args, runs: list[dict]) -> dict:
     (run_dir).mkdir(parents=True, exist_ok=True)
     (run_dir / "train_stdout.txt").write_text(proc.stdout[-20000:] + "\n--- stderr ---\n" + proc.stderr[-20000:])
     record = {"config": name, "seed": seed, "key": run_key(name, seed), "budget_minutes": args.budget_minutes,
-              "command": " ".join(cmd[1:]), "returncode": proc.returncode, "wall_s": round(wall, 1),
+              "flags": args.rows[name], "command": " ".join(cmd[1:]), "returncode": proc.returncode,
+              "wall_s": round(wall, 1), "threads": args.threads, "jobs": args.jobs,
               "loadavg_before": load_before, "loadavg_after": loadavg(), "run_dir": str(run_dir)}
     if proc.returncode != 0:
         record["error"] = proc.stderr[-2000:]
         return record
     summary = json.loads((run_dir / "training_summary.json").read_text())
     record.update(steps=summary.get("steps"), train_minutes=summary.get("train_minutes"),
-                  final_loss=summary.get("final_loss"), max_steps=max_steps)
+                  final_loss=summary.get("final_loss"), mixed_precision=summary.get("mixed_precision"))
+    log = [json.loads(line) for line in (run_dir / "training_log.jsonl").read_text().splitlines() if line.strip()]
+    if log:
+        record["pairs_per_s"] = log[-1].get("pairs_per_s")
+        record["final_gap"] = {k: v for k, v in log[-1].items() if k.startswith("gap/")}
     results = json.loads((run_dir / "eval_results.json").read_text())
     record["eval_s"] = results.get("_meta", {}).get("seconds")
     record["results"] = {k: v for k, v in results.items() if not k.startswith("_")}
@@ -182,10 +193,12 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-def summarise(runs: list[dict], out: Path, meta: dict) -> dict:
-    """quality.json (means, std, n per config), quality.md (the table) and quality_ablation.png."""
+def summarise(runs: list[dict], stem: Path, meta: dict) -> dict:
+    """`<stem>.json` (means, std, n per row), `<stem>.md` (the table) and `<stem>.png`."""
     ok = [r for r in runs if r.get("returncode") == 0 and "metrics" in r]
-    names = [n for n in CONFIGS if any(r["config"] == n for r in ok)]
+    order = list(meta.get("rows") or [])
+    names = [n for n in order if any(r["config"] == n for r in ok)]
+    names += sorted({r["config"] for r in ok} - set(names))
     chance = {}
     for r in ok:
         for col, suite, metric in METRICS:
@@ -207,9 +220,9 @@ def summarise(runs: list[dict], out: Path, meta: dict) -> dict:
     failed = [{"key": r["key"], "error": r.get("error", "")[-500:]} for r in runs if r.get("returncode") != 0]
     data = {"meta": meta, "chance": chance, "configs": table, "failed_runs": failed,
             "score_definition": f"mean of {SCORE}"}
-    write_json(out / "quality.json", data)
-    (out / "quality.md").write_text(markdown(data))
-    plot(data, out / "quality_ablation.png")
+    write_json(stem.with_suffix(".json"), data)
+    stem.with_suffix(".md").write_text(markdown(data))
+    plot(data, stem.with_suffix(".png"))
     return data
 
 
@@ -226,8 +239,9 @@ def markdown(data: dict) -> str:
     lines.append("| *chance* | | | " + " | ".join(f"{100 * ch[c]:.1f}" if c in ch else "" for c in cols) + " | |")
     meta = data.get("meta", {})
     return ("Values in %, mean ± sample std over seeds; steps = optimizer steps reached in the budget. "
-            f"Budget {meta.get('budget_minutes')} min of training per run; model overrides `{meta.get('overrides')}`; "
-            f"batch {meta.get('batch_size')}; eval capped at {meta.get('eval_max_items')} items per suite. "
+            f"Grid `{meta.get('grid')}`: budget {meta.get('budget_minutes')} min of training per run, "
+            f"{meta.get('jobs')} run(s) at a time with {meta.get('threads')} thread(s) each; every run is train.py's "
+            f"default plus its row's flags; eval capped at {meta.get('eval_max_items')} items per suite. "
             f"Score = mean of {', '.join(SCORE)}.\n\n" + "\n".join(lines) + "\n")
 
 
@@ -255,7 +269,7 @@ def plot(data: dict, path: Path) -> None:
         ax.invert_yaxis()
         ax.set_title(col + " (%)", fontsize=9)
     meta = data.get("meta", {})
-    fig.suptitle(f"OneR objective ablation at equal wall-clock budget ({meta.get('budget_minutes')} min/run), "
+    fig.suptitle(f"OneR grid '{meta.get('grid')}' at equal wall-clock budget ({meta.get('budget_minutes')} min/run), "
                  "mean ± std over seeds", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -265,76 +279,79 @@ def plot(data: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget-minutes", type=float, default=1.25, help="training wall-clock per run (train.py --max_train_minutes)")
+    p.add_argument("--grid", default="ablation", choices=list(GRIDS), help="which table to fill")
+    p.add_argument("--budget-minutes", type=float, default=5.0, help="training wall-clock per run (train.py --max_train_minutes)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--configs", nargs="+", default=None, help=f"subset of: {list(CONFIGS)}")
-    p.add_argument("--overrides", default=DEFAULT_OVERRIDES, help="train.py --config_overrides (model size)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each training run")
-    p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--workers", type=int, default=1, help="train.py --dataloader_num_workers")
-    p.add_argument("--eval-max-items", type=int, default=300, help="train.py --eval_max_items (per suite)")
-    p.add_argument("--max-train-samples", type=int, default=None)
+    p.add_argument("--configs", nargs="+", default=None, help="a subset of the grid's rows")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (2 cores: 2 runs of 1 thread, or 1 of 2)")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run (default: cores / jobs)")
+    p.add_argument("--eval-max-items", type=int, default=None, help="train.py --eval_max_items (per suite); default: all")
     p.add_argument("--data-home", default=None, help="ONER_DATA_HOME for the runs (default: the usual root)")
     p.add_argument("--workdir", default="/tmp/oner-quality-runs", help="run folders (models, logs)")
-    p.add_argument("--out", default=str(RESULTS), help="where quality_runs.jsonl / .json / .md / .png go")
+    p.add_argument("--out", default=None, help="where <grid>_runs.jsonl / .json / .md / .png go (default benchmarks/results)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the summary from the JSON lines")
-    p.add_argument("--quick", action="store_true", help="2 configs, 1 seed, a 32-wide model, seconds of training (the test)")
+    p.add_argument("--quick", action="store_true", help="2 rows, 1 seed, a 32-wide model, seconds of training (the test)")
     args = p.parse_args(argv)
 
-    out = Path(args.out)
+    out = Path(args.out) if args.out else RESULTS
+    args.rows = dict(GRIDS[args.grid])
+    args.extra_flags = {}
     if args.quick:
         args.budget_minutes = 0.05
         args.seeds = [0]
-        args.configs = args.configs or QUICK_CONFIGS
-        args.overrides = QUICK_OVERRIDES
-        args.batch_size = 8
-        args.warmup_steps = 1
-        args.workers = 0
+        args.configs = args.configs or [r for r in QUICK_ROWS if r in args.rows] or list(args.rows)[:2]
+        args.extra_flags = dict(config_overrides=QUICK_OVERRIDES, per_device_batch_size=8, warmup_steps=1,
+                                max_train_samples=32, logging_steps=1)
         args.eval_max_items = 8
-        args.max_train_samples = args.max_train_samples or 32
+        args.jobs = 1
         if args.workdir == "/tmp/oner-quality-runs":
             args.workdir = str(out / "runs")
-    names = args.configs or list(CONFIGS)
+    args.threads = args.threads or max((os.cpu_count() or 2) // args.jobs, 1)
+    names = args.configs or list(args.rows)
     for n in names:
-        if n not in CONFIGS:
-            p.error(f"unknown config {n!r}; choose from {list(CONFIGS)}")
-    runs_path = out / "quality_runs.jsonl"
-    meta = {"budget_minutes": args.budget_minutes, "overrides": args.overrides, "batch_size": args.batch_size,
-            "threads": args.threads,
-            "eval_max_items": args.eval_max_items, "seeds": args.seeds, "machine": machine(),
+        if n not in args.rows:
+            p.error(f"unknown row {n!r} of grid {args.grid!r}; choose from {list(args.rows)}")
+    runs_path = out / f"{args.grid}_runs.jsonl"
+    meta = {"grid": args.grid, "rows": list(args.rows), "budget_minutes": args.budget_minutes, "jobs": args.jobs,
+            "threads": args.threads, "eval_max_items": args.eval_max_items, "seeds": args.seeds,
+            "machine": machine(),
             "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    stem = out / args.grid
     if args.report_only:
-        summarise(read_runs(runs_path), out, meta)
-        print((out / "quality.md").read_text())
+        summarise(read_runs(runs_path), stem, meta)
+        print(stem.with_suffix(".md").read_text())
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
     pause = out / "quality.pause"
-    for seed in args.seeds:  # seed-major: a partial grid still compares every config
-        for name in names:
-            runs = read_runs(runs_path)
-            done = {r["key"] for r in runs if r.get("returncode") == 0 and r.get("budget_minutes") == args.budget_minutes}
-            if run_key(name, seed) in done:
-                continue
-            while pause.exists():
-                time.sleep(10)
-            print(f"[quality] {name} seed {seed} (budget {args.budget_minutes} min, load {loadavg()})", flush=True)
-            try:
-                record = one_run(name, seed, args, runs)
-            except Exception as e:  # one broken run must not end the grid
-                import traceback
+    done = {r["key"] for r in read_runs(runs_path) if r.get("returncode") == 0 and r.get("budget_minutes") == args.budget_minutes}
+    todo = [(n, seed) for seed in args.seeds for n in names if run_key(n, seed) not in done]  # seed-major
+    lock = threading.Lock()
 
-                record = {"config": name, "seed": seed, "key": run_key(name, seed), "returncode": -1,
-                          "budget_minutes": args.budget_minutes, "wall_s": 0.0,
-                          "error": "".join(traceback.format_exception(e))[-2000:]}
+    def run_and_record(item):
+        name, seed = item
+        while pause.exists():
+            time.sleep(10)
+        print(f"[quality] {name} seed {seed} (budget {args.budget_minutes} min, load {loadavg()})", flush=True)
+        try:
+            record = one_run(name, seed, args)
+        except Exception as e:  # one broken run must not end the grid
+            import traceback
+
+            record = {"config": name, "seed": seed, "key": run_key(name, seed), "returncode": -1,
+                      "budget_minutes": args.budget_minutes, "wall_s": 0.0,
+                      "error": "".join(traceback.format_exception(e))[-2000:]}
+        with lock:
             with runs_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            print(f"[quality]   -> rc {record['returncode']}, steps {record.get('steps')}, "
+            print(f"[quality]   {name} seed {seed} -> rc {record['returncode']}, steps {record.get('steps')}, "
                   f"score {record.get('score')}, wall {record['wall_s']} s", flush=True)
-            summarise(read_runs(runs_path), out, meta)
-    data = summarise(read_runs(runs_path), out, meta)
-    print((out / "quality.md").read_text())
+            summarise(read_runs(runs_path), stem, meta)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(run_and_record, todo))
+    data = summarise(read_runs(runs_path), stem, meta)
+    print(stem.with_suffix(".md").read_text())
     return 1 if data["failed_runs"] else 0
 
 
