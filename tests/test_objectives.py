@@ -154,3 +154,87 @@ def test_ema_target_moves_towards_the_online_model(tiny_model, batch):
     pretrainer = OneRPretrainer(tiny_model, config)
     loss, parts = Objective(config)(pretrainer(**batch), targets)
     assert torch.isfinite(loss)
+
+
+# --------------------------------------------------------------------------- XMC forms, CMC fraction, temperature
+
+
+def _orthogonal_modalities(n=8, d=32, seed=0):
+    """Images in the first half of the coordinates, texts in the second: separable, nothing aligned."""
+    g = torch.Generator().manual_seed(seed)
+    z_i = torch.nn.functional.normalize(torch.cat([torch.randn(n, d // 2, generator=g), torch.zeros(n, d // 2)], 1), dim=-1)
+    z_t = torch.nn.functional.normalize(torch.cat([torch.zeros(n, d // 2), torch.randn(n, d // 2, generator=g)], 1), dim=-1)
+    return z_i, z_t
+
+
+def _xmc(form, z_i, z_t, logit_scale):
+    config = ObjectiveConfig(weights={"xmc": 1.0}, xmc_form=form)
+    loss, _ = Objective(config).contrastive_loss({"image": z_i, "text": z_t, "logit_scale": torch.tensor(logit_scale)})
+    return loss.item()
+
+
+def test_same_pair_xmc_is_solved_by_orthogonal_modalities_but_cross_pair_is_not():
+    """The shortcut, constructed: each modality in its own subspace (nothing aligned). At the hottest
+    learned temperature (logit scale ln 100) same-pair XMC reaches 0 without any alignment; the
+    cross-pair form stays far above what alignment reaches (its floor is the targets' entropy, ln 2)."""
+    z_i, z_t = _orthogonal_modalities()
+    hot = 4.6  # ln 100, the clamp on the learned logit scale
+    assert _xmc("same-pair", z_i, z_t, hot) < 1e-3
+    assert _xmc("cross-pair", z_i, z_t, hot) > 10 * _xmc("cross-pair", z_i, z_i, hot)
+    # a fixed temperature (0.2, MoCo v3) leaves same-pair XMC some pull towards alignment, cross-pair far more
+    fixed = 1.6094  # ln(1 / 0.2)
+    same_gain = _xmc("same-pair", z_i, z_t, fixed) - _xmc("same-pair", z_i, z_i, fixed)
+    cross_gain = _xmc("cross-pair", z_i, z_t, fixed) - _xmc("cross-pair", z_i, z_i, fixed)
+    assert 0 < same_gain < cross_gain
+
+
+def test_cross_pair_xmc_targets_and_gradients(tiny_model, batch):
+    loss, parts, _ = _run(tiny_model, batch, "xmc", xmc_form="cross-pair")
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert tiny_model.head.proj.weight.grad.abs().sum() > 0 and tiny_model.logit_scale.grad is not None
+
+
+def test_cmc_fraction_runs_the_joint_pass_on_part_of_the_batch(tiny_model, batch):
+    seen = []
+    hook = tiny_model.encoder.register_forward_hook(lambda m, inp, out: seen.append(tuple(inp[0].shape)))
+    loss, parts, _ = _run(tiny_model, batch, "xmc+cmc", cmc_fraction=0.5)
+    hook.remove()
+    joint_len = 1 + tiny_model.config.num_patches + batch["input_ids"].shape[1]
+    assert [s[0] for s in seen if s[1] == joint_len] == [2]  # 2 of the 4 pairs got the joint pass
+    loss.backward()
+    assert torch.isfinite(parts["cmc"]) and tiny_model.encoder.layers[0].self_attn.qkv.weight.grad is not None
+
+
+def test_fixed_temperature_freezes_the_logit_scale(tiny_model, batch):
+    import math
+
+    loss, _, pretrainer = _run(tiny_model, batch, "itc", temperature=0.2)
+    assert not tiny_model.logit_scale.requires_grad
+    assert math.isclose(tiny_model.logit_scale.exp().item(), 5.0, rel_tol=1e-6)
+    loss.backward()
+    assert tiny_model.logit_scale.grad is None
+
+
+@pytest.mark.parametrize("setting,message", [
+    (dict(xmc_form="mixed"), "xmc_form"),
+    (dict(xmc_form="cross-pair", pairwise="sigmoid"), "softmax"),
+    (dict(cmc_fraction=0.0), "cmc_fraction"),
+    (dict(cmc_fraction=1.5), "cmc_fraction"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(temperature=2.0), "temperature"),
+])
+def test_bad_objective_settings_name_the_option(setting, message):
+    with pytest.raises(ValueError, match=message):
+        ObjectiveConfig(weights={"xmc": 1.0}, **setting)
+
+
+def test_modality_gap_statistics():
+    from oner.objectives import modality_gap
+
+    z_i, z_t = _orthogonal_modalities(n=16)
+    separated = modality_gap(z_i, z_t)
+    assert separated["gap/modality_probe_acc"] == 1.0 and separated["gap/centroid_distance"] > 0.1
+    mixed = modality_gap(z_i, z_i)  # the same vectors: nothing tells the modalities apart
+    assert mixed["gap/centroid_distance"] < 1e-6 and mixed["gap/modality_probe_acc"] <= 0.5
+    assert abs(mixed["gap/pair_cosine"] - 1.0) < 1e-5

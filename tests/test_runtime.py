@@ -1,0 +1,86 @@
+"""How train.py uses the machine: torch threads and mixed precision, decided at start (oner.training.runtime)."""
+
+import pytest
+
+from oner.training import runtime
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ("OMP_NUM_THREADS", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "ACCELERATE_DYNAMO_BACKEND",
+                 "ACCELERATE_MIXED_PRECISION", "ACCELERATE_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(runtime, "available_cores", lambda: 8)
+    return monkeypatch
+
+
+def test_launcher_default_of_one_thread_becomes_the_cores_per_process(clean_env):
+    clean_env.setenv("OMP_NUM_THREADS", "1")
+    clean_env.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # set by every `accelerate launch`
+    assert runtime.choose_num_threads(None)[0] == 8
+    clean_env.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this machine share the cores
+    threads, reason = runtime.choose_num_threads(None)
+    assert threads == 4 and "launcher's default" in reason
+
+
+def test_explicit_thread_settings_are_respected(clean_env):
+    clean_env.setenv("OMP_NUM_THREADS", "1")  # exported by the user for `python train.py`: no launcher
+    assert runtime.choose_num_threads(None) == (1, "OMP_NUM_THREADS")
+    clean_env.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    clean_env.setenv("OMP_NUM_THREADS", "3")  # a launcher value other than its default 1
+    assert runtime.choose_num_threads(None) == (3, "OMP_NUM_THREADS")
+    clean_env.setenv("OMP_NUM_THREADS", "1")
+    assert runtime.choose_num_threads(1) == (1, "--num_threads")  # the flag wins over everything
+    clean_env.delenv("OMP_NUM_THREADS")
+    assert runtime.choose_num_threads(None)[0] == 8  # unset: all cores
+
+
+def test_configure_threads_sets_torch(clean_env):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert runtime.configure_threads(1)[0] == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "no")])
+def test_precision_follows_native_bf16_on_the_cpu(clean_env, native, expected):
+    clean_env.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    assert runtime.choose_mixed_precision(None, "cpu")[0] == expected
+    # accelerate launch's own default "no", with no accelerate config file, does not count as a choice
+    clean_env.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    clean_env.setenv("ACCELERATE_CONFIG_FILE", "/nonexistent/default_config.yaml")
+    assert runtime.choose_mixed_precision(None, "cpu")[0] == expected
+
+
+def test_precision_from_the_user_or_accelerate_config_wins(clean_env, tmp_path):
+    clean_env.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.choose_mixed_precision("fp32", "cpu") == ("no", "--mixed_precision")
+    assert runtime.choose_mixed_precision("no", "cpu")[0] == "no"
+    clean_env.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate launch --mixed_precision fp16
+    assert runtime.choose_mixed_precision(None, "cpu")[0] == "fp16"
+    config = tmp_path / "default_config.yaml"
+    config.write_text("mixed_precision: 'no'\n")
+    clean_env.setenv("ACCELERATE_CONFIG_FILE", str(config))
+    clean_env.setenv("ACCELERATE_MIXED_PRECISION", "no")  # chosen in `accelerate config`: respected
+    assert runtime.choose_mixed_precision(None, "cpu")[0] == "no"
+
+
+def test_cpu_flag_detection_reads_proc_cpuinfo(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    fake = tmp_path / "cpuinfo"
+    real_path = Path
+
+    def patched(path, *args):
+        return real_path(fake) if str(path) == "/proc/cpuinfo" else real_path(path, *args)
+
+    monkeypatch.setattr(runtime, "Path", patched)
+    fake.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n")
+    assert runtime.cpu_has_native_bf16()
+    fake.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 amx_tile amx_bf16\n")
+    assert runtime.cpu_has_native_bf16()
+    fake.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n")
+    assert not runtime.cpu_has_native_bf16()
