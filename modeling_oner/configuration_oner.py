@@ -1,7 +1,7 @@
 """OneR configuration.
 
 This file is shipped as transformers remote code next to `modeling_oner.py`: it imports only
-`transformers` (see `shared/reference/hf-remote-code.md`).
+`transformers` (see "Remote code" in `docs/method.md`).
 """
 
 from transformers import PretrainedConfig

@@ -549,8 +549,6 @@ class OneRModel(OneRPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
         token_type_ids: torch.Tensor | None = None,
-        modality_ids: torch.Tensor | None = None,
-        stream_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> OneROutput | tuple:
         """Encode images and texts SEPARATELY (as CLIP does) and score every image against every text.
@@ -559,8 +557,8 @@ class OneRModel(OneRPreTrainedModel):
             input_ids: `(n_texts, length)`; attention_mask: `(n_texts, length)`.
             pixel_values: `(n_images, channels, image_size, image_size)`.
             return_loss: add the symmetric InfoNCE loss (needs n_images == n_texts, pairs on the diagonal).
-            token_type_ids, modality_ids, stream_attention_mask: accepted and ignored, so the output
-                of a BERT-style tokenizer or of `OneRProcessor` can be passed with `**inputs`.
+            token_type_ids: accepted and ignored, so the output of a BERT-style tokenizer can be
+                passed with `**inputs`.
 
         Returns:
             [`OneROutput`]; the logits are computed in fp32 even under autocast.

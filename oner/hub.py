@@ -4,7 +4,9 @@
 folder), stages exactly the files to upload in a temporary folder, then calls `create_repo` +
 `upload_folder`. The README's usage snippet is then pinned to the commit that holds the weights and
 code. With `space_id`, the project's `space/` folder goes up as a Gradio Space whose card's
-`models:` names the model repo. The token is never printed.
+`models:` names the model repo; the Space's variables `ONER_MODEL` and `ONER_MODEL_REVISION` pin it
+to the commit just pushed, and when the model repo is private the token becomes the Space's
+`HF_TOKEN` secret so the Space can read it. The token is never printed.
 """
 
 from __future__ import annotations
@@ -137,13 +139,35 @@ def push_folder(
         url = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
         commit = api.upload_folder(folder_path=str(staged), repo_id=repo_id, repo_type="model", token=token,
                                    commit_message="Upload OneR model (weights, remote code, processor, card)")
-        _pin_card(api, staged, repo_id, token, getattr(commit, "oid", None))
+        revision = getattr(commit, "oid", None)
+        _pin_card(api, staged, repo_id, token, revision)
         if space_staged is not None:
+            if not revision:
+                raise RuntimeError(f"the Hub returned no commit id for {repo_id}: cannot pin the Space to it")
             api.create_repo(space_id, token=token, private=private, repo_type="space", space_sdk="gradio",
                             exist_ok=True)
+            configure_space(api, space_id, repo_id, revision, token)
             api.upload_folder(folder_path=str(space_staged), repo_id=space_id, repo_type="space", token=token,
-                              commit_message=f"OneR demo serving {repo_id}")
+                              commit_message=f"OneR demo serving {repo_id}@{revision[:12]}")
     return str(url)
+
+
+def configure_space(api, space_id: str, repo_id: str, revision: str, token: str) -> None:
+    """Point the Space at `repo_id` at commit `revision`; give it read access if the model is private.
+
+    Sets the Space variables `ONER_MODEL` and `ONER_MODEL_REVISION` (read by `space/oner_demo.py`)
+    and, when the model repo is private (as the Hub reports it, whatever `--private` said), the
+    Space secret `HF_TOKEN`, which `from_pretrained` inside the Space picks up. Done before the Space's
+    files go up, so its first build already has them.
+    """
+    api.add_space_variable(space_id, "ONER_MODEL", repo_id, description="the model this Space serves",
+                           token=token)
+    api.add_space_variable(space_id, "ONER_MODEL_REVISION", revision,
+                           description=f"the commit of {repo_id} this Space serves (set by oner-push)", token=token)
+    if api.model_info(repo_id, token=token).private:
+        api.add_space_secret(space_id, "HF_TOKEN", token,
+                             description=f"read access to the private model {repo_id} (set by oner-push)",
+                             token=token)
 
 
 def _pin_card(api, staged: Path, repo_id: str, token: str, oid: str | None) -> None:

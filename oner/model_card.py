@@ -20,6 +20,8 @@ DEFAULT_TAGS = ["oner", "vision-language", "single-tower", "contrastive-learning
 _KIND_BY_PREFIX = (("multimodal", "multimodal_retrieval"), ("retrieval", "retrieval"),
                    ("classification", "classification"), ("pointing", "localization"),
                    ("text_guided", "localization"))
+#: Readable names of the Hub licence ids a card may carry (the weights' licence is the card's `license`).
+LICENSE_NAMES = {"apache-2.0": "Apache License 2.0", "mit": "MIT", "cc-by-4.0": "CC-BY 4.0"}
 #: What the card says about the embedded data set's sources (licences as the data set states them).
 EMBEDDED_ATTRIBUTION = """\
 Trained and evaluated on the OneR embedded data set, built offline by the `oner` package from pip
@@ -189,6 +191,7 @@ def build_card(model_dir: str | Path, metrics: dict, training: dict):
         eval_note=eval_note,
         training_table=training_table(training),
         data_section=EMBEDDED_ATTRIBUTION,
+        license_name=LICENSE_NAMES.get(data.license, data.license),
         **_architecture(model_dir),
     )
 

@@ -1,6 +1,6 @@
 """OneR's training objectives, each term switchable and weighted.
 
-Notation (see docs/training.md and shared/reference/oner-paper.md): `z_I`, `z_T` the L2-normalised
+Notation (see docs/training.md, and docs/method.md for the sources): `z_I`, `z_T` the L2-normalised
 embeddings of an image and of its caption, each encoded ALONE by the one tower and the one head;
 `m = normalize(lam * z_I + (1 - lam) * z_T)` their mixup; `P(a, b)` the symmetric pairwise loss
 between paired rows (InfoNCE, or SigLIP's sigmoid loss), negatives from every process.

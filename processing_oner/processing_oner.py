@@ -1,9 +1,10 @@
-"""OneR processor: pixels and text in, one token stream out.
+"""OneR processor: images and texts in, the model's `pixel_values`, `input_ids` and `attention_mask` out.
 
 Shipped as transformers remote code next to the model: it imports only numpy, PIL, torch and
-transformers (see `shared/reference/hf-remote-code.md`). The sub-processors are stock classes
-(`CLIPImageProcessor`, `PreTrainedTokenizerFast`) so that `AutoProcessor`, `AutoImageProcessor`,
-`AutoTokenizer` and the zero-shot pipeline all load them without custom registration.
+transformers, and nothing of this project (see "Remote code" in `docs/method.md`). The
+sub-processors are stock classes (`CLIPImageProcessor`, `PreTrainedTokenizerFast`) so that
+`AutoProcessor`, `AutoImageProcessor`, `AutoTokenizer` and the zero-shot pipeline all load them
+without custom registration.
 """
 
 import warnings
@@ -14,10 +15,7 @@ import torch
 import transformers
 from PIL import Image
 from transformers import BatchFeature
-from transformers.processing_utils import ProcessorMixin
-
-# Modality ids of the stream, the same as modeling_oner's (0 is the shared [CLS]).
-CLS_MODALITY, IMAGE_MODALITY, TEXT_MODALITY = 0, 1, 2
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
 # PIL modes that carry transparency: composited on white so that transparent pixels (which may
 # hold any colour) do not leak into the picture.
@@ -96,28 +94,57 @@ def to_rgb_image(image: Any) -> Image.Image:
     raise TypeError(f"images must be PIL images, numpy arrays or torch tensors, got {type(image).__name__}")
 
 
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) or (
+        isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(item, str) for item in value)
+    )
+
+
+def _is_image(value: Any) -> bool:
+    items = value if isinstance(value, (list, tuple)) and len(value) > 0 else [value]
+    return all(isinstance(item, (Image.Image, np.ndarray, torch.Tensor)) for item in items)
+
+
+class OneRProcessorKwargs(ProcessingKwargs, total=False):
+    # Defaults of `OneRProcessor.__call__`, routed by transformers' `ProcessorMixin._merge_kwargs`
+    # (`_defaults` is read by transformers 4.57 and, for backward compatibility, by 5.x).
+    _defaults = {
+        "text_kwargs": {
+            "padding": True,
+            "truncation": True,
+            "add_special_tokens": False,  # the model prepends its own shared [CLS]
+            "return_token_type_ids": False,
+        },
+        "common_kwargs": {"return_tensors": "pt"},
+    }
+
+
 class OneRProcessor(ProcessorMixin):
-    r"""Turns images and texts into OneR's inputs, and describes the one token stream they make.
+    r"""Turns images and texts into OneR's inputs, as `CLIPProcessor` does.
 
-    `processor(text=..., images=...)` returns the usual `input_ids`, `attention_mask` and
-    `pixel_values`, plus, for the sequence the shared transformer will see:
+    `processor(images=..., text=...)` (images first, as every transformers processor) returns
+    `pixel_values` for the images and `input_ids` / `attention_mask` for the texts; either may be
+    left out. Keyword arguments are routed as transformers routes them
+    (`ProcessorMixin._merge_kwargs`): tokenizer options (`padding`, `truncation`, `max_length`, ...)
+    go to the tokenizer, image-processor options (`do_center_crop`, `size`, ...) to the image
+    processor, and `text_kwargs={...}` / `images_kwargs={...}` address one of them explicitly. A
+    keyword neither knows is named in transformers' warning "Keyword argument `x` is not a valid
+    argument for this processor and will be ignored". `return_tensors` is "pt" (default) or "np".
 
-    - `modality_ids` `(batch, 1 + num_patches + length)`: 0 for the shared [CLS], 1 for image
-      patches, 2 for words (image-only and text-only inputs have only their own part);
-    - `stream_attention_mask`, the same shape: 1 where the transformer attends, 0 for padding.
-
-    With both images and texts, the stream is the joint `[CLS] + patches + words` of image i with
-    text i; that needs as many texts as images (`joint=True` makes a mismatch an error; with the
-    default `joint=None` a mismatch just omits the stream, as when scoring n images against m labels).
+    The processor does not describe the token stream. The one sequence the shared transformer sees
+    (`[CLS] + patches` for an image, `[CLS] + words` for a text, `[CLS] + patches + words` for a
+    joint pass, with its modality embeddings and attention mask) is built in one place,
+    `OneRModel.forward_features` in `modeling_oner.py`, from these inputs; see `docs/method.md`.
 
     Args:
         image_processor (`CLIPImageProcessor`): resize, centre-crop, normalise.
         tokenizer (`PreTrainedTokenizerFast`): BERT uncased WordPiece, no special tokens
             (the model prepends its own shared [CLS]).
-        patch_size (`int`): the model's patch size, to lay out the stream.
+        patch_size (`int`): the model's patch size, saved with the processor for reference.
     """
 
     attributes = ["image_processor", "tokenizer"]
+    valid_processor_kwargs = OneRProcessorKwargs
     if int(transformers.__version__.split(".")[0]) < 5:
         # transformers 4.x needs the sub-processor classes named here; 5.x reads them from the saved
         # configs and warns that these attributes are deprecated.
@@ -133,46 +160,53 @@ class OneRProcessor(ProcessorMixin):
         crop = self.image_processor.crop_size  # a dict, or transformers 5's SizeDict
         return int(crop["height"]) if crop is not None and not isinstance(crop, int) else int(crop)
 
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+    def __call__(self, images: Any = None, text: str | list[str] | None = None, **kwargs) -> BatchFeature:
+        """Images and/or texts -> a `BatchFeature` with `pixel_values`, `input_ids`, `attention_mask`.
 
-    def __call__(
-        self,
-        text: str | list[str] | None = None,
-        images: Any = None,
-        return_tensors: str = "pt",
-        padding: bool | str = True,
-        truncation: bool = True,
-        max_length: int | None = None,
-        joint: bool | None = None,
-        **kwargs,
-    ) -> BatchFeature:
-        if text is None and images is None:
+        Args:
+            images: a PIL image, numpy array or torch tensor (any mode, size and layout), a list of
+                them, or a 4-D batch.
+            text: a string or a list of strings.
+            kwargs: tokenizer and image-processor options, `text_kwargs` / `images_kwargs` dicts,
+                and `return_tensors` ("pt" or "np").
+        """
+        for name in ("videos", "audio"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"OneRProcessor takes images and text only, got {name}=")
+        if images is None and text is None:
             raise ValueError("OneRProcessor needs text, images or both; got neither")
-        if return_tensors != "pt":
-            raise ValueError(f"OneRProcessor returns PyTorch tensors only (return_tensors='pt'), got {return_tensors!r}")
-        data: dict[str, torch.Tensor] = {}
-        n_images = n_texts = None
-        if images is not None:
-            pixel_values = self.preprocess_images(images)
-            data["pixel_values"] = pixel_values
-            n_images = len(pixel_values)
-        if text is not None:
-            data.update(self.tokenize(text, padding=padding, truncation=truncation, max_length=max_length))
-            n_texts = len(data["input_ids"])
-
-        if n_images is not None and n_texts is not None and n_images != n_texts:
-            if joint:
-                raise ValueError(
-                    f"a joint image+text input needs one text per image: got {n_images} images and {n_texts} texts"
+        if images is not None and _is_text(images):
+            if text is not None and _is_image(text):
+                raise TypeError(
+                    "`images` holds text and `text` holds images: OneRProcessor takes images first, as "
+                    "transformers processors do; call processor(images=..., text=...)"
                 )
-        elif joint is not False:
-            data.update(self._stream(n_images, data.get("attention_mask")))
-        return BatchFeature(data=data, tensor_type=None)
+            raise TypeError(
+                "images must be PIL images, numpy arrays or torch tensors, got strings (file paths are not "
+                "opened; texts go in text=..., since OneRProcessor takes images first)"
+            )
+        merged = self._merge_kwargs(
+            OneRProcessorKwargs,
+            tokenizer_init_kwargs=self.tokenizer.init_kwargs,
+            **kwargs,
+        )
+        text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        return_tensors = text_kwargs.get("return_tensors", "pt")
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"OneRProcessor returns 'pt' or 'np' tensors, got return_tensors={return_tensors!r}")
 
-    def preprocess_images(self, images: Any) -> torch.Tensor:
-        """One image or a list of them (PIL, numpy, torch; any mode and size) -> `(batch, 3, S, S)`."""
+        data: dict[str, Any] = {}
+        if images is not None:
+            data["pixel_values"] = self.preprocess_images(images, **images_kwargs)
+        if text is not None:
+            data.update(self.tokenize(text, **text_kwargs))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def preprocess_images(self, images: Any, **images_kwargs):
+        """One image or a list of them (PIL, numpy, torch; any mode and size) -> `(batch, 3, S, S)`.
+
+        `images_kwargs` go to the image processor (e.g. `do_center_crop=False`, `return_tensors="np"`).
+        """
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             images = list(images)
         elif isinstance(images, np.ndarray) and images.ndim == 4:
@@ -187,16 +221,14 @@ class OneRProcessor(ProcessorMixin):
                 rgb.append(to_rgb_image(image))
             except (TypeError, ValueError) as error:
                 raise type(error)(f"image {index}: {error}") from None
-        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+        images_kwargs = {"return_tensors": "pt", **images_kwargs}
+        return self.image_processor(images=rgb, **images_kwargs)["pixel_values"]
 
-    def tokenize(
-        self,
-        text: str | list[str],
-        padding: bool | str = True,
-        truncation: bool = True,
-        max_length: int | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Text or texts -> `input_ids` and `attention_mask`, `(batch, length)`; over-long text is truncated with a warning."""
+    def tokenize(self, text: str | list[str], **text_kwargs) -> dict[str, Any]:
+        """Text or texts -> `input_ids` and `attention_mask`, `(batch, length)`; over-long text is truncated with a warning.
+
+        `text_kwargs` go to the tokenizer; `max_length` defaults to the model's text length.
+        """
         texts = [text] if isinstance(text, str) else text
         if not isinstance(texts, (list, tuple)):
             raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
@@ -205,41 +237,24 @@ class OneRProcessor(ProcessorMixin):
         for index, item in enumerate(texts):
             if not isinstance(item, str):
                 raise TypeError(f"text {index} is a {type(item).__name__}, not a string")
-        max_length = max_length or self.tokenizer.model_max_length
-        lengths = [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        text_kwargs = {**OneRProcessorKwargs._defaults["text_kwargs"], "return_tensors": "pt", **text_kwargs}
+        text_kwargs["max_length"] = text_kwargs.get("max_length") or self.tokenizer.model_max_length
+        max_length = text_kwargs["max_length"]
+        lengths = [
+            len(ids)
+            for ids in self.tokenizer(list(texts), add_special_tokens=text_kwargs["add_special_tokens"])["input_ids"]
+        ]
         empty = [i for i, n in enumerate(lengths) if n == 0]
         if empty:
             raise ValueError(f"texts at positions {empty} are empty (no tokens)")
         too_long = [i for i, n in enumerate(lengths) if n > max_length]
-        if too_long and truncation:
+        if too_long and text_kwargs["truncation"] not in (False, "do_not_truncate"):
             warnings.warn(
                 f"{len(too_long)} text(s) longer than {max_length} tokens were truncated (first at position "
                 f"{too_long[0]}: {lengths[too_long[0]]} tokens)",
                 stacklevel=3,
             )
-        encoded = self.tokenizer(
-            list(texts),
-            add_special_tokens=False,
-            padding=padding,
-            truncation=truncation,
-            max_length=max_length,
-            return_tensors="pt",
-            return_token_type_ids=False,
-        )
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-
-    def _stream(self, n_images: int | None, attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """`modality_ids` and `stream_attention_mask` of `[CLS] + patches? + words?`."""
-        batch = n_images if n_images is not None else len(attention_mask)
-        ids = [torch.full((batch, 1), CLS_MODALITY)]
-        mask = [torch.ones(batch, 1, dtype=torch.long)]
-        if n_images is not None:
-            ids.append(torch.full((batch, self.num_patches), IMAGE_MODALITY))
-            mask.append(torch.ones(batch, self.num_patches, dtype=torch.long))
-        if attention_mask is not None:
-            ids.append(torch.full(attention_mask.shape, TEXT_MODALITY))
-            mask.append(attention_mask.long())
-        return {"modality_ids": torch.cat(ids, dim=1), "stream_attention_mask": torch.cat(mask, dim=1)}
+        return dict(self.tokenizer(list(texts), **text_kwargs))
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)

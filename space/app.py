@@ -1,7 +1,13 @@
 """OneR's one representation, shown: the Gradio app (a thin layer over `oner_demo`).
 
-Run locally:   python space/app.py [--model DIR_OR_HUB_ID] [--port N]
-On a Space:    the Space runs `python app.py`; the model comes from ONER_MODEL or the card's `models:`.
+Run locally:   python space/app.py [--model DIR_OR_HUB_ID] [--revision COMMIT] [--port N]
+Reload mode:   gradio space/app.py        (the model from ONER_MODEL, as below)
+On a Space:    the Space runs `python app.py`; the model comes from ONER_MODEL (else the card's
+               `models:`) at the commit ONER_MODEL_REVISION, both set by `oner-push --space`.
+
+`demo` is this module's Gradio Blocks, as `gradio app.py` expects. Importing the module loads no
+model: `app.demo` is built on first access (model from ONER_MODEL / ONER_MODEL_REVISION), and
+`main()` builds it from the command line.
 """
 
 from __future__ import annotations
@@ -179,6 +185,26 @@ def build_demo(model_name: str) -> gr.Blocks:
     return demo
 
 
+def create_demo(model: str | None = None, revision: str | None = None) -> gr.Blocks:
+    """Load the model (`model`, else ONER_MODEL, ...) at `revision` (else ONER_MODEL_REVISION) and build the app.
+
+    Activates the model for the `oner_demo` functions; does not launch anything.
+    """
+    model_name = oner_demo.resolve_model(model)
+    revision = oner_demo.resolve_revision(revision)
+    bundle = oner_demo.activate(oner_demo.load_model(model_name, revision=revision))
+    return build_demo(f"{model_name}@{bundle.revision}" if bundle.revision else model_name)
+
+
+def __getattr__(name: str):
+    """`app.demo`, built on first access so that importing this module loads no model (PEP 562)."""
+    if name == "demo":
+        global demo
+        demo = create_demo()
+        return demo
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def launch(demo: gr.Blocks, host: str, port: int | None, **kwargs):
     """Start serving; extra kwargs (prevent_thread_lock, ...) go to `Blocks.launch`."""
     return demo.launch(
@@ -193,18 +219,19 @@ def launch(demo: gr.Blocks, host: str, port: int | None, **kwargs):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="OneR Gradio demo")
     parser.add_argument("--model", help="model folder or Hub id (default: $ONER_MODEL, then the embedded run's folder)")
+    parser.add_argument("--revision", help="commit, branch or tag of a Hub model (default: $ONER_MODEL_REVISION)")
     parser.add_argument("--port", type=int, help="port (default: $GRADIO_SERVER_PORT, then 7860)")
     parser.add_argument("--host", help="address (default: $GRADIO_SERVER_NAME, then 127.0.0.1)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
+    global demo  # module-level, where `gradio app.py` looks for it when it reloads the file
     args = parse_args(argv)
-    model_name = oner_demo.resolve_model(args.model)
-    oner_demo.activate(oner_demo.load_model(model_name))
+    demo = create_demo(args.model, args.revision)
     host = args.host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
     port = args.port or int(os.environ.get("GRADIO_SERVER_PORT") or 7860)
-    launch(build_demo(model_name), host, port)
+    launch(demo, host, port)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ class Bundle:
     name: str
     model: Any
     processor: Any
+    revision: str | None = None
     _gallery: Gallery | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -82,14 +83,23 @@ class Bundle:
 _ACTIVE: Bundle | None = None
 
 
-def load_model(name: str | os.PathLike) -> Bundle:
-    """Load a OneR model folder or Hub id as a user does (Auto classes, remote code), in eval mode."""
+def load_model(name: str | os.PathLike, revision: str | None = None) -> Bundle:
+    """Load a OneR model folder or Hub id as a user does (Auto classes, remote code), in eval mode.
+
+    `revision` (a commit hash, branch or tag) pins a Hub repository: weights, processor and the
+    model's remote code all come from that commit. A local folder has no revisions; it is loaded
+    as it is, with a warning if a revision was asked for.
+    """
     from transformers import AutoModel, AutoProcessor
 
     name = str(name)
-    model = AutoModel.from_pretrained(name, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(name, trust_remote_code=True)
-    return Bundle(name=name, model=model, processor=processor)
+    if revision and Path(name).is_dir():
+        warnings.warn(f"revision {revision!r} ignored: {name} is a local folder, not a Hub repository", stacklevel=2)
+        revision = None
+    pinned = {"revision": revision} if revision else {}
+    model = AutoModel.from_pretrained(name, trust_remote_code=True, **pinned).eval()
+    processor = AutoProcessor.from_pretrained(name, trust_remote_code=True, **pinned)
+    return Bundle(name=name, model=model, processor=processor, revision=revision)
 
 
 def activate(bundle: Bundle) -> Bundle:
@@ -421,6 +431,15 @@ def space_model_id(readme: Path = HERE / "README.md") -> str | None:
                 if item.strip():
                     break
     return None
+
+
+def resolve_revision(cli_revision: str | None = None, environ: dict | None = None) -> str | None:
+    """`--revision`, else `ONER_MODEL_REVISION` (set on a Space by `oner-push --space`), else None (latest)."""
+    environ = os.environ if environ is None else environ
+    revision = cli_revision or environ.get("ONER_MODEL_REVISION") or None
+    if revision is not None and (not revision.strip() or any(c.isspace() for c in revision)):
+        raise SystemExit(f"ONER_MODEL_REVISION / --revision must be a commit hash, branch or tag, got {revision!r}")
+    return revision
 
 
 def resolve_model(cli_model: str | None = None, environ: dict | None = None) -> str:

@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from huggingface_hub import SpaceCard
@@ -19,13 +20,25 @@ class FakeCommit:
 class FakeHfApi:
     """Records every call; loads the staged model folder back as a user would, while it exists."""
 
-    def __init__(self):
+    def __init__(self, private_repos=()):
         self.calls = []
         self.loaded = None
+        self.private_repos = set(private_repos)  # repos that already exist as private
 
     def create_repo(self, repo_id, **kw):
         self.calls.append(("create_repo", repo_id, kw))
+        if kw.get("private"):
+            self.private_repos.add(repo_id)
         return f"https://huggingface.co/{repo_id}"
+
+    def model_info(self, repo_id, **kw):
+        return SimpleNamespace(id=repo_id, private=repo_id in self.private_repos)
+
+    def add_space_variable(self, repo_id, key, value, **kw):
+        self.calls.append(("add_space_variable", repo_id, {"key": key, "value": value, **kw}))
+
+    def add_space_secret(self, repo_id, key, value, **kw):
+        self.calls.append(("add_space_secret", repo_id, {"key": key, "value": value, **kw}))
 
     def upload_folder(self, *, folder_path, repo_id, repo_type, **kw):
         folder = Path(folder_path)
@@ -80,12 +93,29 @@ def test_push_with_space_points_the_space_at_the_model(model_folder):
     api = FakeHfApi()
     push_folder(model_folder, "someone/oner-tiny", token=TOKEN, space_id="someone/oner-demo", api=api)
     space_calls = [c for c in api.calls if c[1] == "someone/oner-demo"]
-    assert [c[0] for c in space_calls] == ["create_repo", "upload_folder"]
+    kinds = [c[0] for c in space_calls]
+    # configured before its files go up, so the first build already serves the pinned model
+    assert kinds == ["create_repo", "add_space_variable", "add_space_variable", "upload_folder"]
     assert space_calls[0][2]["repo_type"] == "space" and space_calls[0][2]["space_sdk"] == "gradio"
-    assert space_calls[1][2]["repo_type"] == "space" and "app.py" in space_calls[1][2]["files"]
+    assert space_calls[-1][2]["repo_type"] == "space" and "app.py" in space_calls[-1][2]["files"]
+    variables = {c[2]["key"]: c[2]["value"] for c in space_calls if c[0] == "add_space_variable"}
+    # pinned to the commit that holds the model's weights and code (the one the card's snippets name)
+    assert variables == {"ONER_MODEL": "someone/oner-tiny", "ONER_MODEL_REVISION": FakeCommit.oid}
+    assert "add_space_secret" not in kinds  # a public model needs no token
     assert api.space_card.data.models == ["someone/oner-tiny"] and api.space_card.data.sdk == "gradio"
     # the project's own space/README.md is left untouched
     assert "someone/oner-tiny" not in (hub.SPACE_DIR / "README.md").read_text()
+
+
+@pytest.mark.parametrize("flag,already_private", [(True, ()), (False, ("someone/oner-tiny",))])
+def test_space_of_a_private_model_gets_the_token_as_a_secret(model_folder, flag, already_private):
+    api = FakeHfApi(private_repos=already_private)
+    push_folder(model_folder, "someone/oner-tiny", private=flag, token=TOKEN, space_id="someone/oner-demo", api=api)
+    space_calls = [c for c in api.calls if c[1] == "someone/oner-demo"]
+    secrets = [c[2] for c in space_calls if c[0] == "add_space_secret"]
+    assert [(s["key"], s["value"]) for s in secrets] == [("HF_TOKEN", TOKEN)]
+    assert [c[0] for c in space_calls].index("add_space_secret") < [c[0] for c in space_calls].index("upload_folder")
+    assert not [c for c in api.calls if c[0] == "add_space_secret" and c[1] != "someone/oner-demo"]
 
 
 @pytest.mark.parametrize("repo_id", ["", "a/b/c", "bad name!", "-leading/x"])

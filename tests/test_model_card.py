@@ -59,3 +59,23 @@ def test_no_results_no_training_still_parses(tiny_model_dir):
     assert not card.data.eval_results
     assert "No evaluation results were given." in card.text
     assert "No training information was given" in card.text
+
+
+def test_card_states_the_weights_licence_and_the_data_licences(card):
+    assert card.data.license == "apache-2.0"
+    licence = card.text.split("## Licence", 1)[1].split("\n## ", 1)[0]
+    assert "weights and the code in this repository are released under the **Apache License 2.0**" in " ".join(
+        licence.split()
+    )
+    for data_licence in ("CC-BY 4.0", "CC BY-SA 4.0", "BSD-3-Clause", "Unicode License"):
+        assert data_licence in licence, data_licence
+
+
+def test_repository_has_the_apache_2_licence_its_metadata_names():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "LICENSE").read_text()
+    assert text.split()[:5] == ["Apache", "License", "Version", "2.0,", "January"]
+    assert "END OF TERMS AND CONDITIONS" in text and "9. Accepting Warranty or Additional Liability." in text
+    assert 'license = "Apache-2.0"' in (root / "pyproject.toml").read_text()

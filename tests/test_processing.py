@@ -1,6 +1,7 @@
-"""OneRProcessor: every image kind and mode, the tokenizer, the token-stream description, bad input."""
+"""OneRProcessor: every image kind and mode, the tokenizer, transformers' call convention and kwargs, bad input."""
 
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -94,7 +95,7 @@ def test_tokenizer_is_bert_uncased_wordpiece_without_special_tokens(tiny_process
     assert len(VOCAB_FILE.read_text().splitlines()) == 30522 == len(tokenizer)
     assert tokenizer.tokenize("A Red APPLE!") == ["a", "red", "apple", "!"]
     encoded = tiny_processor(text=["red apple", "grinning face with big eyes"])
-    assert set(encoded) == {"input_ids", "attention_mask", "modality_ids", "stream_attention_mask"}
+    assert set(encoded) == {"input_ids", "attention_mask"}
     assert tokenizer.cls_token_id not in encoded["input_ids"].tolist()[0]
     assert encoded["attention_mask"].tolist() == [[1, 1, 0, 0, 0], [1] * 5]
     assert tokenizer.convert_tokens_to_ids("[MASK]") == 103 and tokenizer.pad_token_id == 0
@@ -107,26 +108,81 @@ def test_over_long_text_is_truncated_with_a_warning(tiny_processor, tiny_config)
     assert encoded["input_ids"].shape == (2, tiny_config.max_position_embeddings)
 
 
-def test_stream_layout_for_each_input_kind(tiny_processor, tiny_config, tiny_model):
-    n = tiny_config.num_patches
+def test_outputs_are_exactly_the_model_inputs_and_feed_it(tiny_processor, tiny_model):
     images = [Image.new("RGB", (20, 20), c) for c in ("red", "green")]
     texts = ["red apple", "a green leaf on a tree"]
-    image_only = tiny_processor(images=images)
-    assert image_only["modality_ids"].tolist()[0] == [0] + [1] * n
-    text_only = tiny_processor(text=texts)
-    assert text_only["modality_ids"].tolist()[0] == [0] + [2] * text_only["input_ids"].shape[1]
-    joint = tiny_processor(text=texts, images=images)
-    length = joint["input_ids"].shape[1]
-    assert joint["modality_ids"].shape == joint["stream_attention_mask"].shape == (2, 1 + n + length)
-    assert joint["stream_attention_mask"][0, 1 + n :].tolist() == joint["attention_mask"][0].tolist()
-    # the processor's output feeds the model directly, for scoring and for joint encoding
+    # no description of the token stream: the model builds [CLS] + patches + words itself
+    assert set(tiny_processor(images=images)) == {"pixel_values"}
+    joint = tiny_processor(images=images, text=texts)
+    assert set(joint) == {"pixel_values", "input_ids", "attention_mask"}
     assert tiny_model(**joint).logits_per_image.shape == (2, 2)
     tiny_model.get_multimodal_features(**joint)
-    # n images vs m labels: no joint stream unless asked for
-    scoring = tiny_processor(text=["a", "b", "c"], images=images)
-    assert "modality_ids" not in scoring and tiny_model(**scoring).logits_per_image.shape == (2, 3)
-    with pytest.raises(ValueError, match="one text per image: got 2 images and 3 texts"):
-        tiny_processor(text=["a", "b", "c"], images=images, joint=True)
+    # n images vs m labels, as for zero-shot scoring
+    scoring = tiny_processor(images=images, text=["a", "b", "c"])
+    assert tiny_model(**scoring).logits_per_image.shape == (2, 3)
+
+
+def test_images_come_first_as_in_transformers(tiny_processor):
+    image = Image.new("RGB", (20, 20), "red")
+    positional = tiny_processor([image], ["red apple"])
+    by_keyword = tiny_processor(text=["red apple"], images=[image])
+    assert set(positional) == set(by_keyword) == {"pixel_values", "input_ids", "attention_mask"}
+    for key in by_keyword:
+        torch.testing.assert_close(positional[key], by_keyword[key])
+    with pytest.raises(TypeError, match="takes images first"):
+        tiny_processor(["red apple"], [image])  # the old text-first order
+    with pytest.raises(TypeError, match="texts go in text=..., since OneRProcessor takes images first"):
+        tiny_processor("red apple")
+
+
+def test_image_processor_kwargs_reach_the_image_processor(tiny_processor, tiny_config):
+    wide = Image.new("RGB", (40, 20), "red")
+    size = tiny_config.image_size
+    assert tiny_processor(images=wide)["pixel_values"].shape == (1, 3, size, size)
+    uncropped = tiny_processor(images=wide, do_center_crop=False)["pixel_values"]
+    assert uncropped.shape == (1, 3, size, 2 * size)
+    by_modality = tiny_processor(images=wide, images_kwargs={"do_center_crop": False})["pixel_values"]
+    torch.testing.assert_close(by_modality, uncropped)
+
+
+def test_tokenizer_kwargs_reach_the_tokenizer(tiny_processor, tiny_config):
+    padded = tiny_processor(text=["red apple"], padding="max_length")
+    assert padded["input_ids"].shape == (1, tiny_config.max_position_embeddings)
+    for kwargs in (dict(max_length=2), dict(text_kwargs={"max_length": 2})):
+        with pytest.warns(UserWarning, match="truncated"):
+            assert tiny_processor(text=["red apple pie"], **kwargs)["input_ids"].shape == (1, 2)
+    # defaults that follow the model: no [CLS]/[SEP] of the tokenizer's own
+    assert tiny_processor(text="red")["input_ids"].tolist() == [[tiny_processor.tokenizer.convert_tokens_to_ids("red")]]
+
+
+@pytest.fixture
+def transformers_log():
+    """What transformers logs (its loggers do not propagate to pytest's caplog)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    yield stream
+    logger.removeHandler(handler)
+
+
+def test_unknown_kwargs_are_named_in_a_warning(tiny_processor, transformers_log):
+    encoded = tiny_processor(text=["red apple"], images=Image.new("RGB", (8, 8)), do_centre_crop_typo=False)
+    assert "`do_centre_crop_typo` is not a valid argument" in transformers_log.getvalue()
+    assert set(encoded) == {"pixel_values", "input_ids", "attention_mask"}
+    with pytest.raises(ValueError, match="images and text only, got videos="):
+        tiny_processor(text="a", videos=[np.zeros((2, 8, 8, 3), np.uint8)])
+
+
+def test_numpy_and_torch_outputs(tiny_processor):
+    image, texts = Image.new("RGB", (30, 20), "blue"), ["red apple", "dog"]
+    as_numpy = tiny_processor(images=[image], text=texts, return_tensors="np")
+    as_torch = tiny_processor(images=[image], text=texts, return_tensors="pt")
+    for key in ("pixel_values", "input_ids", "attention_mask"):
+        assert isinstance(as_numpy[key], np.ndarray), key
+        assert isinstance(as_torch[key], torch.Tensor), key
+        np.testing.assert_allclose(as_numpy[key], as_torch[key].numpy())
+    assert as_numpy["pixel_values"].dtype == np.float32
 
 
 @pytest.mark.parametrize(
@@ -138,7 +194,7 @@ def test_stream_layout_for_each_input_kind(tiny_processor, tiny_config, tiny_mod
         (dict(text=["ok", 3]), TypeError, "text 1 is a int"),
         (dict(text=7), TypeError, "string or a list of strings"),
         (dict(text=["fine", "   "]), ValueError, r"positions \[1\] are empty"),
-        (dict(text="x", return_tensors="np"), ValueError, "PyTorch tensors only"),
+        (dict(text="x", return_tensors="tf"), ValueError, "'pt' or 'np' tensors, got return_tensors='tf'"),
     ],
 )
 def test_bad_text_gets_clear_errors(tiny_processor, kwargs, error, message):

@@ -222,13 +222,83 @@ def test_resolve_model_order(monkeypatch, tmp_path):
 
 
 def test_space_serves_the_model_in_its_card(monkeypatch, tmp_path):
+    from oner.hub import stage_space_folder
+
+    # the repository's card names no model: `oner-push --space` writes the pushed id into the
+    # uploaded copy, so no placeholder id is ever published
+    assert oner_demo.space_model_id() is None
+    staged = tmp_path / "space"
+    stage_space_folder(SPACE, staged, "someone/oner-tiny")
+    assert oner_demo.space_model_id(staged / "README.md") == "someone/oner-tiny"
     monkeypatch.setattr(oner_demo, "DEFAULT_LOCAL_MODEL", tmp_path / "absent")
-    card_model = oner_demo.space_model_id()
-    assert card_model and "/" in card_model
-    assert oner_demo.resolve_model(None, {"SPACE_ID": "someone/oner-demo"}) == card_model
+    card = oner_demo.space_model_id
+    # on the Space, the card next to oner_demo.py is the staged copy
+    monkeypatch.setattr(oner_demo, "space_model_id", lambda readme=staged / "README.md": card(readme))
+    assert oner_demo.resolve_model(None, {"SPACE_ID": "someone/oner-demo"}) == "someone/oner-tiny"
     inline = tmp_path / "README.md"
     inline.write_text("---\nsdk: gradio\nmodels: [a/b, c/d]\n---\n")
     assert oner_demo.space_model_id(inline) == "a/b"
+
+
+def test_revision_order_and_bad_revision():
+    assert oner_demo.resolve_revision("cli", {"ONER_MODEL_REVISION": "env"}) == "cli"
+    assert oner_demo.resolve_revision(None, {"ONER_MODEL_REVISION": "c0ffee"}) == "c0ffee"
+    assert oner_demo.resolve_revision(None, {}) is None
+    assert oner_demo.resolve_revision(None, {"ONER_MODEL_REVISION": ""}) is None
+    with pytest.raises(SystemExit, match="must be a commit hash, branch or tag"):
+        oner_demo.resolve_revision(None, {"ONER_MODEL_REVISION": "abc def"})
+
+
+def test_hub_model_is_loaded_at_the_pinned_revision(monkeypatch, tiny_model_dir):
+    import transformers
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, kind):
+            self.kind = kind
+
+        def from_pretrained(self, name, **kwargs):
+            seen.append((self.kind, name, kwargs))
+            return torch.nn.Identity()
+
+    monkeypatch.setattr(transformers, "AutoModel", Recorder("model"))
+    monkeypatch.setattr(transformers, "AutoProcessor", Recorder("processor"))
+    bundle = oner_demo.load_model("someone/oner-tiny", revision="c0ffee")
+    assert bundle.revision == "c0ffee"
+    assert seen == [(kind, "someone/oner-tiny", {"trust_remote_code": True, "revision": "c0ffee"})
+                    for kind in ("model", "processor")]
+    seen.clear()
+    oner_demo.load_model("someone/oner-tiny")
+    assert all("revision" not in kwargs for _, _, kwargs in seen)
+    # a local folder has no revisions: said, not silently dropped
+    seen.clear()
+    with pytest.warns(UserWarning, match="revision 'c0ffee' ignored: .* is a local folder"):
+        assert oner_demo.load_model(tiny_model_dir, revision="c0ffee").revision is None
+    assert all("revision" not in kwargs for _, _, kwargs in seen)
+
+
+def test_importing_the_app_gives_a_demo_without_launching(monkeypatch, tiny_model_dir):
+    """`gradio space/app.py` needs a module-level `demo`; importing must not load or launch anything."""
+    import importlib.util
+
+    import gradio as gr
+
+    spec = importlib.util.spec_from_file_location("oner_space_app_under_test", SPACE / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.delenv("ONER_MODEL", raising=False)
+    spec.loader.exec_module(module)
+    assert "demo" not in vars(module)  # no model loaded by the import itself
+    monkeypatch.setenv("ONER_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("ONER_MODEL_REVISION", "c0ffee")
+    with pytest.warns(UserWarning, match="revision 'c0ffee' ignored"):  # the pin reaches the loader
+        demo = module.demo
+    assert isinstance(demo, gr.Blocks) and module.demo is demo and vars(module)["demo"] is demo
+    assert not demo.is_running and demo.local_url is None
+    assert oner_demo.active().name == str(tiny_model_dir)
+    assert any(d.api_name == "classify" for d in demo.fns.values())
+    with pytest.raises(AttributeError, match="no attribute 'dmeo'"):
+        module.dmeo
 
 
 def test_space_folder_is_self_contained():
@@ -258,7 +328,7 @@ def test_space_card_and_requirements():
     assert f"gradio=={fields['sdk_version']}" in (SPACE / "requirements.txt").read_text()
     assert fields["sdk_version"].split(".")[0] == gradio.__version__.split(".")[0]
     assert fields["app_file"] == "app.py"
-    assert "license" in fields and "models" in fields
+    assert fields["license"] == "apache-2.0" and "models" not in fields  # models: written by oner-push
     requirements = (SPACE / "requirements.txt").read_text().lower()
     for package in ("torch", "transformers", "pillow", "numpy", "gradio"):
         assert package in requirements
