@@ -10,7 +10,7 @@ The model stays pure: it encodes, projects and (for CLIP compatibility) scores. 
 objectives (XMC, CIC, CMC, ...) live in `oner/objectives.py`.
 
 This file is shipped as transformers remote code: it imports only torch, transformers and its
-sibling `configuration_oner` (see `shared/reference/hf-remote-code.md`).
+sibling `configuration_oner` (see "Remote code" in docs/method.md).
 """
 
 from collections.abc import Callable
@@ -30,7 +30,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_oner import OneRConfig
 
-# Modality ids, shared with the processor's `modality_ids` (0 is the shared [CLS]).
+# Modality ids of the joint sequence's parts (0 is the shared [CLS]); used to build the CIC attention mask.
 CLS_MODALITY, IMAGE_MODALITY, TEXT_MODALITY = 0, 1, 2
 
 
