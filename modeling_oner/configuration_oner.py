@@ -55,10 +55,11 @@ class OneRConfig(PretrainedConfig):
         projection_head (`str`): `"linear"` (CLIP-style, the default) or `"mlp"` (Linear-GELU-Linear,
             MoCo v3-style). The paper says one shared head but not its shape [inferred].
         pooling (`str`): how a sequence becomes one vector before the shared head [inferred; the paper
-            does not say]. `"cls"`: the shared [CLS] token's output. `"mean"`: the mean of the patch and
-            word outputs (padding excluded, [CLS] excluded), so that, with the linear head, a global
-            score is the mean of the token scores and every contrastive step also shapes the
-            patch-level map used for localization. `"cls+mean"`: the average of the two.
+            does not say]. `"cls"`: the shared [CLS] token's output. `"mean"`: the mean of the patch
+            outputs, of the word outputs (padding excluded), or for a joint sequence the average of
+            the two modalities' means ([CLS] excluded), so that, with the linear head, a global score
+            is the mean of the token scores and every contrastive step also shapes the patch-level
+            map used for localization. `"cls+mean"`: the average of the two.
         use_modality_embeddings (`bool`): add a learned image/text type embedding to every token.
             The paper's modality-agnostic aim suggests keeping such pieces minimal; unknown whether
             OneR has one [inferred], so it is a switch (default on, which joint sequences need most).

@@ -441,8 +441,9 @@ class OneRModel(OneRPreTrainedModel):
         hidden_states = torch.cat([self.embeddings.cls(batch).to(parts[0].dtype), *parts], dim=1)
         key_mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=hidden_states.device), *masks], dim=1)
 
+        num_image_tokens = parts[0].shape[1] if pixel_values is not None else 0
         if cross_modal_attention:
-            attention_mask_4d = self._cross_modal_mask(key_mask, num_image_tokens=parts[0].shape[1])
+            attention_mask_4d = self._cross_modal_mask(key_mask, num_image_tokens=num_image_tokens)
         elif key_mask.all():
             attention_mask_4d = None  # no padding: lets SDPA pick its fastest kernel
         else:
@@ -457,19 +458,31 @@ class OneRModel(OneRPreTrainedModel):
         last_hidden_state = self.post_layernorm(encoded.last_hidden_state)
         return BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state,
-            pooler_output=self.pool(last_hidden_state, key_mask),
+            pooler_output=self.pool(last_hidden_state, key_mask, num_image_tokens=num_image_tokens),
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
         )
 
-    def pool(self, last_hidden_state: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """`(batch, seq, hidden)` -> `(batch, hidden)` as `config.pooling` says; `key_mask` `(batch, seq)`
-        is True for [CLS] (position 0) and every non-padding token."""
+    def pool(self, last_hidden_state: torch.Tensor, key_mask: torch.Tensor, num_image_tokens: int = 0) -> torch.Tensor:
+        """`(batch, seq, hidden)` -> `(batch, hidden)` as `config.pooling` says.
+
+        `key_mask` `(batch, seq)` is True for [CLS] (position 0) and every non-padding token; the first
+        `num_image_tokens` tokens after [CLS] are patches. The token mean averages each modality's own
+        mean, so a joint `[CLS] + patches + words` sequence weighs its image and its text equally (as
+        the mixup it is trained towards does) instead of by token count.
+        """
         cls = last_hidden_state[:, 0]
         if self.config.pooling == "cls":
             return cls
-        tokens = key_mask[:, 1:, None].to(last_hidden_state.dtype)
-        mean = (last_hidden_state[:, 1:] * tokens).sum(dim=1) / tokens.sum(dim=1).clamp(min=1)
+        weights = key_mask[:, 1:].to(last_hidden_state.dtype)
+        tokens = last_hidden_state[:, 1:]
+        spans = [slice(0, num_image_tokens), slice(num_image_tokens, None)] if num_image_tokens else [slice(None)]
+        means = []
+        for span in spans:
+            w = weights[:, span, None]
+            if w.shape[1]:
+                means.append((tokens[:, span] * w).sum(dim=1) / w.sum(dim=1).clamp(min=1))
+        mean = torch.stack(means).mean(dim=0)
         return mean if self.config.pooling == "mean" else (cls + mean) / 2
 
     @staticmethod

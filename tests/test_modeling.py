@@ -264,3 +264,63 @@ def test_presets():
     assert tiny.image_size == 64 and tiny.hidden_size == 256
     with pytest.raises(ValueError, match="unknown preset"):
         OneRConfig.from_preset("huge")
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls+mean"])
+def test_pooling_of_each_input_kind(tiny_config, pooling):
+    from modeling_oner import OneRModel
+
+    torch.manual_seed(0)
+    tiny_config.pooling = pooling
+    model = OneRModel(tiny_config).eval()
+    pixels = torch.randn(2, 3, tiny_config.image_size, tiny_config.image_size)
+    ids = torch.randint(1000, 2000, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    with torch.no_grad():
+        image = model.forward_features(pixel_values=pixels)
+        text = model.forward_features(input_ids=ids, attention_mask=mask)
+        joint = model.forward_features(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    n_patches = tiny_config.num_patches
+
+    def expected(out, mean):
+        return mean if pooling == "mean" else (out.last_hidden_state[:, 0] + mean) / 2
+
+    patch_mean = image.last_hidden_state[:, 1:].mean(1)
+    torch.testing.assert_close(image.pooler_output, expected(image, patch_mean))
+    word_mean = torch.stack([text.last_hidden_state[0, 1:].mean(0), text.last_hidden_state[1, 1:5].mean(0)])
+    torch.testing.assert_close(text.pooler_output, expected(text, word_mean))  # padding excluded
+    joint_patches = joint.last_hidden_state[:, 1 : 1 + n_patches].mean(1)
+    joint_words = torch.stack([joint.last_hidden_state[0, 1 + n_patches :].mean(0),
+                               joint.last_hidden_state[1, 1 + n_patches : 1 + n_patches + 4].mean(0)])
+    torch.testing.assert_close(joint.pooler_output, expected(joint, (joint_patches + joint_words) / 2))
+    # the global embedding is the patch embeddings' mean (linear head): the map and the score agree
+    if pooling == "mean":
+        torch.testing.assert_close(model.get_image_features(pixel_values=pixels),
+                                   model.get_patch_features(pixel_values=pixels).mean(1), atol=1e-5, rtol=1e-5)
+
+
+def test_mean_pooling_trains_every_patch_token(tiny_config):
+    from modeling_oner import OneRModel
+
+    tiny_config.pooling = "mean"
+    model = OneRModel(tiny_config)
+    pixels = torch.randn(2, 3, tiny_config.image_size, tiny_config.image_size, requires_grad=True)
+    model.get_image_features(pixel_values=pixels).sum().backward()
+    # every patch of the input receives gradient through its own token, not only through attention to [CLS]
+    per_patch = pixels.grad.abs().unfold(2, tiny_config.patch_size, tiny_config.patch_size).unfold(
+        3, tiny_config.patch_size, tiny_config.patch_size).sum(dim=(0, 1, 4, 5))
+    assert (per_patch > 0).all()
+
+
+def test_pooling_survives_save_and_load_and_bad_values_are_named(tiny_config, tmp_path):
+    from modeling_oner import OneRConfig, OneRModel
+
+    tiny_config.pooling = "cls+mean"
+    OneRModel(tiny_config).save_pretrained(tmp_path)
+    assert OneRModel.from_pretrained(tmp_path).config.pooling == "cls+mean"
+    with pytest.raises(ValueError, match="pooling"):
+        OneRConfig.from_preset("tiny", pooling="max")

@@ -270,3 +270,56 @@ def test_oner_run_writes_the_folder(pairs_dir, tmp_path):
         assert (out / name).is_file(), name
     model = AutoModel.from_pretrained(out, trust_remote_code=True)
     assert 0 <= model.logit_scale.item() <= 4.6052
+
+
+# --------------------------------------------------------------------------- the time budget
+
+
+def _time_budget_scheduler(state, minutes=1.0, warmup=2):
+    from types import SimpleNamespace
+
+    from oner.training.loop import make_scheduler
+
+    args = SimpleNamespace(lr_scheduler_type="cosine", warmup_steps=warmup, max_train_minutes=minutes)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    return make_scheduler(optimizer, args, state)
+
+
+def test_a_time_budget_decays_the_learning_rate_on_time_and_a_resume_keeps_it():
+    from oner.training.checkpointing import TrainState
+
+    state = TrainState()
+    scheduler = _time_budget_scheduler(state)
+    lrs = []
+    for step in range(1, 8):
+        state.train_seconds = 10.0 * step  # 10 s per step: the 60 s budget ends at step 6
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    # steps 1-2 warm up; the decay starts at the first step after it (20 s) and ends with the budget (60 s)
+    assert state.decay_start_seconds == 20.0
+    assert lrs[1] == pytest.approx(1.0) and lrs[1] > lrs[2] > lrs[3] > lrs[4] > 0
+    assert lrs[3] == pytest.approx(0.5)  # 40 s: half of the decay's 40 s
+    assert lrs[5] == pytest.approx(0.0, abs=1e-12) and lrs[6] == pytest.approx(0.0, abs=1e-12)
+    # A resumed run: a fresh state and scheduler loaded from the saved ones give the same learning rate.
+    saved_state, saved_scheduler = state.state_dict(), scheduler.state_dict()
+    state.train_seconds = 35.0
+    resumed_state = TrainState()
+    resumed_state.load_state_dict({**saved_state, "train_seconds": 35.0})
+    resumed = _time_budget_scheduler(resumed_state)
+    resumed.load_state_dict(saved_scheduler)
+    scheduler.step(), resumed.step()
+    assert resumed.get_last_lr() == scheduler.get_last_lr()
+    assert 0 < resumed.get_last_lr()[0] < 1
+
+
+def test_a_step_count_keeps_the_step_schedule():
+    from oner.training.checkpointing import TrainState
+
+    state = TrainState()
+    state.total_steps = 12
+    scheduler = _time_budget_scheduler(state, warmup=2)
+    for step in range(12):
+        state.train_seconds = 1000.0  # past the time budget: irrelevant when the step count is known
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-9)
+    assert state.decay_start_seconds is None

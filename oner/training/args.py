@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image_column", default=None, help="image column (auto-detected when omitted)")
     g.add_argument("--text_column", default=None, help="caption column (auto-detected when omitted)")
     g.add_argument("--max_train_samples", type=int, default=None, help="use only the first N pairs")
+    g.add_argument("--train_filter", default=None,
+                   help="keep only rows whose metadata column has this value, e.g. skin_tone=false (the embedded set's "
+                   "skin-tone variants are half its rows but 5 recolourings of ~400 concepts)")
     _flag(g, "--image_augment", True, "random resized crop, flip where meaning allows, colour jitter, blur")
     _flag(g, "--text_augment", True, "pick one of a pair's captions and whole-word-mask it (see --caption_mask_probability)")
     g.add_argument("--caption_mask_probability", type=float, default=0.15,

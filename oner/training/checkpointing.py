@@ -21,7 +21,8 @@ class TrainState:
     """Counters that a resume must restore; registered with `accelerator.register_for_checkpointing`.
 
     - `step`: optimizer updates done; `batches_seen`: micro-batches consumed in total (the data position);
-    - `total_steps`: the schedule's length (fixed once, even when estimated from the time budget);
+    - `total_steps`: the schedule's length in steps; 0 when only a time budget bounds the run;
+    - `decay_start_seconds`: training time at the end of the warm-up, where a time-based decay starts;
     - `skipped_steps` / `nonfinite_in_a_row`: the NaN/inf guard's counters;
     - `train_seconds`: training time so far, for the time budget across resumes.
     """
@@ -30,6 +31,7 @@ class TrainState:
         self.step = 0
         self.batches_seen = 0
         self.total_steps = 0
+        self.decay_start_seconds: float | None = None
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
         self.train_seconds = 0.0

@@ -122,6 +122,8 @@ def open_train_data(args, seed: int, image_size: int):
         )
     if len(dataset) == 0:
         raise ValueError(f"{args.train_data} holds no image-text pairs")
+    if args.train_filter:
+        dataset = filter_rows(dataset, args.train_filter, args.train_data)
     image_augment = ImageAugment(size=image_size, seed=seed) if args.image_augment else None
     text_augment = (
         TextAugment(alias_choice=True, whole_word_mask_p=args.caption_mask_probability, seed=seed)
@@ -129,6 +131,24 @@ def open_train_data(args, seed: int, image_size: int):
         else None
     )
     return AugmentedPairs(dataset, image_augment, text_augment, seed=seed, limit=args.max_train_samples)
+
+
+def filter_rows(dataset, spec: str, source: str):
+    """Keep the rows whose metadata column equals a value: `"skin_tone=false"` (case-insensitive
+    string comparison, so booleans and numbers work as written). Raises ValueError naming the column
+    when it is missing and when no row is left."""
+    column, sep, value = spec.partition("=")
+    column, value = column.strip(), value.strip().lower()
+    if not sep or not column:
+        raise ValueError(f"--train_filter {spec!r}: expected column=value, e.g. skin_tone=false")
+    table = dataset.hf_dataset
+    if column not in table.column_names:
+        raise ValueError(f"--train_filter {spec!r}: {source} has no column {column!r}; columns: {table.column_names}")
+    keep = [i for i, v in enumerate(table[column]) if str(v).lower() == value]
+    if not keep:
+        raise ValueError(f"--train_filter {spec!r}: no row of {source} has {column} = {value!r}")
+    dataset.hf_dataset = table.select(keep)
+    return dataset
 
 
 def make_dataloader(dataset: AugmentedPairs, processor, batch_size: int, seed: int, num_workers: int):

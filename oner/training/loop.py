@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast, set_seed
 from tqdm.auto import tqdm
 
 from oner.losses import clamp_logit_scale_
@@ -27,10 +27,6 @@ from .runtime import choose_mixed_precision, configure_threads
 from .step import forward_backward
 from .tracking import PLOT_NAME, TrainingLog, format_eta, plot_loss_curve
 
-# A time budget becomes a schedule length once, from the steps timed after the first one (which pays
-# one-off costs): at the end of the warm-up, when at least this many steps were timed, and at most
-# this many, so that the cosine has a fixed length long before it matters.
-ESTIMATE_MIN_STEPS, ESTIMATE_MAX_STEPS = 20, 200
 # Settings that must match between a checkpoint and the run resuming it.
 RESUME_MUST_MATCH = ("preset", "config_overrides", "architecture", "objective", "per_device_batch_size", "accum_freq", "pairwise_loss")
 
@@ -147,17 +143,33 @@ def make_optimizer(module: torch.nn.Module, args) -> torch.optim.Optimizer:
 
 
 def make_scheduler(optimizer, args, state: TrainState) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup then cosine/linear/constant; the length is read from `state.total_steps`,
-    which may be fixed only after the first steps (time budget)."""
+    """Linear warmup over `--warmup_steps`, then cosine/linear/constant decay.
+
+    The decay runs on steps when the run has a step count (`--max_steps`, `--num_train_epochs`:
+    `state.total_steps`), and on TIME when only `--max_train_minutes` bounds it: progress is the
+    share of the budget used since the warm-up ended (`state.train_seconds`, restored on resume), so
+    the learning rate reaches its end exactly when the budget does, however the speed varies while
+    the run is on (another process on the machine, checkpoints, evaluation of a sibling run).
+    """
     kind, warmup = args.lr_scheduler_type, args.warmup_steps
+    budget = args.max_train_minutes * 60 if args.max_train_minutes else None
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        total = state.total_steps
-        if kind == "constant" or total <= warmup:
+        if kind == "constant":
             return 1.0
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        if state.total_steps:
+            if state.total_steps <= warmup:
+                return 1.0
+            progress = (step - warmup) / max(state.total_steps - warmup, 1)
+        elif budget:
+            if state.decay_start_seconds is None:
+                state.decay_start_seconds = state.train_seconds
+            progress = (state.train_seconds - state.decay_start_seconds) / max(budget - state.decay_start_seconds, 1e-9)
+        else:
+            return 1.0
+        progress = min(max(progress, 0.0), 1.0)
         return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -183,11 +195,6 @@ def check_resume_compatible(args, checkpoint: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-
-
-def estimate_window(args) -> int:
-    """Steps timed before a time budget is turned into a schedule length (see ESTIMATE_MIN_STEPS)."""
-    return min(max(args.warmup_steps, ESTIMATE_MIN_STEPS), ESTIMATE_MAX_STEPS)
 
 
 def train(args) -> int:
@@ -272,6 +279,7 @@ def train(args) -> int:
     bar = tqdm(total=state.total_steps or None, initial=state.step, disable=not is_main, desc="training",
                dynamic_ncols=True)
     start, start_seconds, start_step = time.monotonic(), state.train_seconds, state.step
+    data_timing = {"seconds": 0.0, "pairs": 0}
     epoch, skip = divmod(state.batches_seen, batches_per_epoch)
     pending: list[dict] = []
     stop_reason, timer = None, None
@@ -280,7 +288,7 @@ def train(args) -> int:
         dataset.set_epoch(epoch)
         loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         loader.set_epoch(epoch)
-        for batch in loader:
+        for batch in timed(loader, data_timing, args.per_device_batch_size):
             state.batches_seen += 1
             if batch is None:  # every sample of the micro-batch was damaged
                 continue
@@ -310,23 +318,15 @@ def train(args) -> int:
             state.step += 1
             if ema is not None:
                 ema.update(accelerator.unwrap_model(pretrainer).model, state.step)
-            elapsed = time.monotonic() - start
+            elapsed = synced_elapsed(accelerator, start)
             state.train_seconds = start_seconds + elapsed
 
-            # Turn the time budget into a schedule length once, identically on every process.
-            if state.total_steps == 0 and state.step == start_step + 1 + estimate_window(args):
-                timer_steps = state.step - start_step - 1
-                per_step = (elapsed - timer) / timer_steps
-                estimate = [state.step + int((budget - state.train_seconds) / per_step)]
-                broadcast_object_list(estimate)
-                state.total_steps = max(estimate[0], state.step + 1)
-                bar.total = state.total_steps
             if state.step == start_step + 1:
                 timer = elapsed  # the first step pays one-off costs: time from its end
 
             if state.step % args.logging_steps == 0 or state.step == state.total_steps:
                 record = log_step(accelerator, log, state, loss, parts, grad_norm, scheduler, pretrainer,
-                                  global_batch, elapsed, start_step, timer)
+                                  global_batch, elapsed, start_step, timer, data_timing, budget)
                 bar.set_postfix_str(f"loss {record['loss']:.3f}, {record['pairs_per_s']:.0f} pairs/s, "
                                     f"ETA {format_eta(record['eta_s'])}")
             bar.update(1)
@@ -360,6 +360,31 @@ def train(args) -> int:
     return finish(accelerator.unwrap_model(pretrainer).model, processor, args, state, dataset, log, global_batch)
 
 
+def synced_elapsed(accelerator, start: float) -> float:
+    """Seconds since `start` on the main process, the same on every process: the time-based learning
+    rate and the time-budget stop must agree across ranks."""
+    elapsed = time.monotonic() - start
+    if accelerator.num_processes == 1:
+        return elapsed
+    value = torch.tensor([elapsed], dtype=torch.float64, device=accelerator.device)
+    return float(broadcast(value, from_process=0).item())
+
+
+def timed(loader, timing: dict, batch_size: int):
+    """Iterate `loader`, adding the time spent waiting for each batch (loading, augmenting and
+    collating, when it happens in this process) to `timing["seconds"]` and its pairs to `timing["pairs"]`."""
+    iterator = iter(loader)
+    while True:
+        waited_from = time.monotonic()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        timing["seconds"] += time.monotonic() - waited_from
+        timing["pairs"] += batch_size
+        yield batch
+
+
 def optimisation_step(pretrainer, objective, micro_batches, accelerator, optimizer, scheduler, ema, args, poison):
     """Forward, backward, NaN/inf check, clip, update, clamp: `(loss, parts, grad_norm, finite)`."""
     loss, parts = forward_backward(pretrainer, objective, micro_batches, accelerator, ema=ema, poison=poison)
@@ -381,7 +406,7 @@ def optimisation_step(pretrainer, objective, micro_batches, accelerator, optimiz
 
 
 def log_step(accelerator, log, state, loss, parts, grad_norm, scheduler, pretrainer, global_batch, elapsed,
-             start_step, timer):
+             start_step, timer, data_timing, budget):
     loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
     record = {"step": state.step, "loss": loss_value}
     for name, value in parts.items():
@@ -395,9 +420,14 @@ def log_step(accelerator, log, state, loss, parts, grad_norm, scheduler, pretrai
         grad_norm=float(grad_norm),
         temperature=1.0 / float(accelerator.unwrap_model(pretrainer).model.logit_scale.detach().exp()),
         pairs_per_s=global_batch / per_step if per_step > 0 else 0.0,
-        eta_s=remaining * per_step,
+        eta_s=remaining * per_step if state.total_steps or not math.isfinite(budget)
+        else max(budget - state.train_seconds, 0.0),
         elapsed_s=round(state.train_seconds, 1),
         skipped_steps=state.skipped_steps,
+        # The data loader's own speed (pairs per second of waiting for it, this process) and the share
+        # of the run spent waiting: 0 when loader workers keep up.
+        loader_pairs_per_s=data_timing["pairs"] / max(data_timing["seconds"], 1e-9),
+        data_wait_fraction=data_timing["seconds"] / max(elapsed, 1e-9),
     )
     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
     log.write(record)
