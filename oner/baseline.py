@@ -88,8 +88,12 @@ class CLIPPretrainer(nn.Module):
 
 
 def build_clip(oner_config) -> tuple[CLIPModel, CLIPProcessor]:
-    """A freshly initialised two-tower baseline and its processor."""
-    return CLIPModel(clip_config_for(oner_config)), build_clip_processor(oner_config)
+    """A freshly initialised two-tower baseline and its processor, with OneR's attention kernel."""
+    clip_config = clip_config_for(oner_config)
+    implementation = getattr(oner_config, "_attn_implementation", None)
+    if implementation:
+        clip_config._attn_implementation = implementation
+    return CLIPModel(clip_config), build_clip_processor(oner_config)
 
 
 def save_clip_folder(model: CLIPModel, processor: CLIPProcessor, output_dir: str | Path) -> Path:

@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixed_precision", default=None, choices=MIXED_PRECISION,
                    help="fp32 = no. Unset: what accelerate config / accelerate launch --mixed_precision chose, else "
                    "bf16 where the device computes it natively (GPUs with bf16, CPUs with AVX-512 BF16 or AMX), else fp32")
+    g.add_argument("--attn_implementation", default=None, choices=("eager", "sdpa"),
+                   help="attention kernel for training. Unset: eager on CPUs (SDPA's CPU backward is slow), sdpa on GPUs")
     g.add_argument("--num_threads", type=int, default=None,
                    help="torch CPU threads per process. Unset: OMP_NUM_THREADS, except accelerate launch's default 1, "
                    "which becomes the cores per local process")

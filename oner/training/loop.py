@@ -23,7 +23,7 @@ from oner.objectives import EMATarget, Objective, ObjectiveConfig, OneRPretraine
 from .args import parse_args
 from .checkpointing import TrainState, check_checkpoint, list_checkpoints, resolve_resume, save_checkpoint
 from .data import make_dataloader, open_train_data
-from .runtime import choose_mixed_precision, configure_threads
+from .runtime import choose_attn_implementation, choose_mixed_precision, configure_threads
 from .step import forward_backward
 from .tracking import PLOT_NAME, TrainingLog, format_eta, plot_loss_curve
 
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 def make_accelerator(args) -> Accelerator:
     """The run's Accelerator; `args.mixed_precision` is resolved here (see `oner.training.runtime`)."""
     args.mixed_precision, args.mixed_precision_reason = choose_mixed_precision(args.mixed_precision, _device_type())
+    args.attn_implementation, args.attn_reason = choose_attn_implementation(args.attn_implementation, _device_type())
     log_with = None
     if args.report_to not in ("none", "", None):
         from accelerate.utils import is_tensorboard_available
@@ -92,6 +93,8 @@ def build_model(args):
     from processing_oner import build_processor
 
     config = OneRConfig.from_preset(args.preset, **args.model_overrides)
+    # Training-time only: transformers does not save it, so a loaded model picks its own (sdpa).
+    config._attn_implementation = args.attn_implementation
     if args.architecture == "clip":
         from oner.baseline import CLIPPretrainer, build_clip
 
@@ -275,6 +278,7 @@ def train(args) -> int:
     )
     accelerator.print(f"compute: {accelerator.device}, {threads} torch thread(s) per process ({threads_reason}); "
                       f"mixed precision {args.mixed_precision} ({args.mixed_precision_reason}); "
+                      f"attention {args.attn_implementation} ({args.attn_reason}); "
                       f"{args.dataloader_num_workers} data-loader worker(s)")
     bar = tqdm(total=state.total_steps or None, initial=state.step, disable=not is_main, desc="training",
                dynamic_ncols=True)

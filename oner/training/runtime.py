@@ -1,6 +1,6 @@
 """How a training process uses its machine: CPU threads and mixed precision.
 
-Both are decided once, at start, and logged. The user's explicit choice always wins; the
+All three (and the attention kernel) are decided once, at start, and logged. The user's explicit choice always wins; the
 automatic choice only replaces launcher DEFAULTS that would leave the machine half used:
 
 - threads: `accelerate launch` sets `OMP_NUM_THREADS=1` whenever `--num_cpu_threads_per_process`
@@ -102,6 +102,16 @@ def _accelerate_config_file_exists() -> bool:
     except ImportError:  # pragma: no cover - accelerate moved it
         return False
     return Path(default_config_file).is_file()
+
+
+def choose_attn_implementation(requested: str | None, device_type: str) -> tuple[str, str]:
+    """`(implementation, reason)` for training: `eager` on CPUs, where torch's SDPA flash-attention
+    BACKWARD dominates a small model's step (measured: docs/benchmarks.md), `sdpa` elsewhere."""
+    if requested:
+        return requested, "--attn_implementation"
+    if device_type == "cpu":
+        return "eager", "CPU training: SDPA's flash-attention backward is the slow part of the step"
+    return "sdpa", f"{device_type}: fused attention kernels"
 
 
 def choose_mixed_precision(requested: str | None, device_type: str) -> tuple[str, str]:
