@@ -119,6 +119,14 @@ class OneRProcessorKwargs(ProcessingKwargs, total=False):
     }
 
 
+# The text options of a plain `processor(text=...)` call (after kwargs routing): these take the fast path.
+_DEFAULT_TEXT_CALL = {
+    **OneRProcessorKwargs._defaults["text_kwargs"],
+    "padding_side": "right",
+    "return_tensors": "pt",
+}
+
+
 class OneRProcessor(ProcessorMixin):
     r"""Turns images and texts into OneR's inputs, as `CLIPProcessor` does.
 
@@ -222,7 +230,21 @@ class OneRProcessor(ProcessorMixin):
             except (TypeError, ValueError) as error:
                 raise type(error)(f"image {index}: {error}") from None
         images_kwargs = {"return_tensors": "pt", **images_kwargs}
+        if images_kwargs == {"return_tensors": "pt"} and self._already_sized(rgb):
+            return self._normalize(rgb)
         return self.image_processor(images=rgb, **images_kwargs)["pixel_values"]
+
+    def _already_sized(self, images: list[Image.Image]) -> bool:
+        """True when resizing and centre-cropping would leave every image as it is (training batches)."""
+        size = self.image_size
+        return all(image.size == (size, size) and image.mode == "RGB" for image in images)
+
+    def _normalize(self, images: list[Image.Image]) -> torch.Tensor:
+        """The image processor's rescale + normalise, batched; its resize and crop are identities here."""
+        pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2)
+        mean = torch.tensor(self.image_processor.image_mean, dtype=torch.float32)[None, :, None, None]
+        std = torch.tensor(self.image_processor.image_std, dtype=torch.float32)[None, :, None, None]
+        return (pixels.float() * self.image_processor.rescale_factor - mean) / std
 
     def tokenize(self, text: str | list[str], **text_kwargs) -> dict[str, Any]:
         """Text or texts -> `input_ids` and `attention_mask`, `(batch, length)`; over-long text is truncated with a warning.
@@ -238,12 +260,19 @@ class OneRProcessor(ProcessorMixin):
             if not isinstance(item, str):
                 raise TypeError(f"text {index} is a {type(item).__name__}, not a string")
         text_kwargs = {**OneRProcessorKwargs._defaults["text_kwargs"], "return_tensors": "pt", **text_kwargs}
+        default_call = text_kwargs == _DEFAULT_TEXT_CALL
         text_kwargs["max_length"] = text_kwargs.get("max_length") or self.tokenizer.model_max_length
         max_length = text_kwargs["max_length"]
-        lengths = [
-            len(ids)
-            for ids in self.tokenizer(list(texts), add_special_tokens=text_kwargs["add_special_tokens"])["input_ids"]
-        ]
+        if default_call:
+            # The backend tokenizer directly: transformers' per-text Python conversion costs more than the
+            # WordPiece itself for a training batch. Same ids and mask as the general path (tested).
+            backend = self.tokenizer.backend_tokenizer
+            backend.no_truncation()  # transformers sets truncation/padding again before its own next call
+            backend.no_padding()
+            ids = [encoding.ids for encoding in backend.encode_batch(list(texts), add_special_tokens=False)]
+        else:
+            ids = self.tokenizer(list(texts), add_special_tokens=text_kwargs["add_special_tokens"])["input_ids"]
+        lengths = [len(row) for row in ids]
         empty = [i for i, n in enumerate(lengths) if n == 0]
         if empty:
             raise ValueError(f"texts at positions {empty} are empty (no tokens)")
@@ -254,7 +283,20 @@ class OneRProcessor(ProcessorMixin):
                 f"{too_long[0]}: {lengths[too_long[0]]} tokens)",
                 stacklevel=3,
             )
+        if default_call:
+            return self._pad(ids, max_length)
         return dict(self.tokenizer(list(texts), **text_kwargs))
+
+    def _pad(self, ids: list[list[int]], max_length: int) -> dict[str, torch.Tensor]:
+        """Truncate to `max_length` and right-pad to the longest: `input_ids`, `attention_mask` tensors."""
+        ids = [row[:max_length] for row in ids]
+        length = max(len(row) for row in ids)
+        input_ids = torch.full((len(ids), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, : len(row)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)

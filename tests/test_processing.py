@@ -217,3 +217,25 @@ def test_processor_round_trips_through_save_pretrained(tmp_path, tiny_processor)
 def test_missing_vocabulary_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="vocabulary not found"):
         build_tokenizer(16, tmp_path / "nope.txt")
+
+
+def test_fast_paths_equal_the_general_pipeline(tiny_processor):
+    """A plain call on images already at the model's size and default text options skips the image
+    processor's resize/crop and transformers' per-text conversion; the outputs must not change."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    size = tiny_processor.image_size
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(5)]
+    texts = ["a red apple", "man in tuxedo: medium skin tone", "[MASK] face", "snowman", "ümlaut café"]
+    fast = tiny_processor(images=images, text=texts)
+    general = tiny_processor(images=images, text=texts, images_kwargs={"do_resize": True},
+                             text_kwargs={"padding": "longest"})
+    torch.testing.assert_close(fast["pixel_values"], general["pixel_values"], atol=1e-5, rtol=0)
+    assert torch.equal(fast["input_ids"], general["input_ids"])
+    assert torch.equal(fast["attention_mask"], general["attention_mask"])
+    # and the tokenizer's own settings are left usable for a direct call afterwards
+    direct = tiny_processor.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    assert torch.equal(direct["input_ids"], general["input_ids"])
