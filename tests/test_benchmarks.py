@@ -51,16 +51,27 @@ def test_quality_quick_and_resume(tmp_path, small_embedded):
     out = tmp_path / "q"
     args = ["benchmarks/quality.py", "--quick", "--out", str(out), "--data-home", str(small_embedded)]
     _run(args)
-    lines = [json.loads(x) for x in (out / "quality_runs.jsonl").read_text().splitlines()]
-    assert [r["config"] for r in lines] == ["clip (two towers, ITC)", "oner xmc+cmc"]
+    lines = [json.loads(x) for x in (out / "ablation_runs.jsonl").read_text().splitlines()]
+    rows = ["clip (two towers, ITC)", "oner xmc (cross-pair)"]
+    assert [r["config"] for r in lines] == rows
     assert all(r["returncode"] == 0 and r["steps"] >= 1 for r in lines)
     for r in lines:  # every suite of run_benchmark's default set gave its metric, CLIP included
         assert all(v is not None for v in r["metrics"].values()), r["metrics"]
-    summary = json.loads((out / "quality.json").read_text())
-    assert set(summary["configs"]) == {"clip (two towers, ITC)", "oner xmc+cmc"}
-    assert "| oner xmc+cmc |" in (out / "quality.md").read_text()
-    assert (out / "quality_ablation.png").stat().st_size > 1000
+    assert "gap/modality_probe_acc" in lines[1]["final_gap"]  # OneR logs its modality-gap statistics
+    assert "--xmc_form cross-pair" in lines[1]["command"]  # the row's flags reach train.py
+    summary = json.loads((out / "ablation.json").read_text())
+    assert set(summary["configs"]) == set(rows)
+    assert "| oner xmc (cross-pair) |" in (out / "ablation.md").read_text()
+    assert (out / "ablation.png").stat().st_size > 1000
     # Resumable: a second call finds both runs done and trains nothing.
     proc = _run(args)
     assert "[quality] " not in proc.stdout.split("Values in %")[0]
-    assert len((out / "quality_runs.jsonl").read_text().splitlines()) == 2
+    assert len((out / "ablation_runs.jsonl").read_text().splitlines()) == 2
+
+
+def test_loop_speed_quick(tmp_path, small_embedded):
+    _run(["benchmarks/loop_speed.py", "--quick", "--out", str(tmp_path)], env={"ONER_DATA_HOME": str(small_embedded)})
+    data = json.loads((tmp_path / "loop_speed.json").read_text())
+    assert data["bare_pairs_per_s"] > 0 and data["loop_pairs_per_s"] > 0 and data["loop"]["loader_pairs_per_s"] > 0
+    assert data["bare_step"]["flops_per_step"] > 0 and 0 < data["fraction_of_peak"]
+    assert "loop / bare step" in (tmp_path / "loop_speed.md").read_text()
