@@ -6,10 +6,23 @@ This file is shipped as transformers remote code next to `modeling_oner.py`: it 
 
 from transformers import PretrainedConfig
 
-# Named sizes. `tiny` trains usefully in about ten minutes on two CPU cores; `base-patch16-224` is the
-# paper's scale (ViT-B/16 on 224 px images, BERT WordPiece text of at most 78 tokens).
+# Named sizes. `tiny` is the embedded default, chosen by time-to-quality on 2 CPU cores (10 minutes,
+# docs/benchmarks.md: at that budget the steps a model reaches matter more than its depth); `small`
+# is the earlier default, for machines that have more; `base-patch16-224` is the paper's scale
+# (ViT-B/16 on 224 px images, BERT WordPiece text of at most 78 tokens).
 ONER_PRESETS: dict[str, dict] = {
     "tiny": dict(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        image_size=32,
+        patch_size=4,
+        max_position_embeddings=32,
+        projection_dim=128,
+        pooling="mean",
+    ),
+    "small": dict(
         hidden_size=256,
         num_hidden_layers=4,
         num_attention_heads=4,
@@ -18,6 +31,7 @@ ONER_PRESETS: dict[str, dict] = {
         patch_size=8,
         max_position_embeddings=32,
         projection_dim=256,
+        pooling="mean",
     ),
     "base-patch16-224": dict(
         hidden_size=768,
@@ -28,6 +42,7 @@ ONER_PRESETS: dict[str, dict] = {
         patch_size=16,
         max_position_embeddings=78,
         projection_dim=512,
+        pooling="mean",
     ),
 }
 

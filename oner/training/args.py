@@ -16,7 +16,7 @@ from pathlib import Path
 from oner.objectives import DEFAULT_OBJECTIVE, parse_objective
 
 ARCHITECTURES = ("oner", "clip")
-PRESETS = ("tiny", "base-patch16-224")
+PRESETS = ("tiny", "small", "base-patch16-224")
 MIXED_PRECISION = ("no", "fp32", "bf16", "fp16")
 
 
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "skin-tone variants are half its rows but 5 recolourings of ~400 concepts)")
     _flag(g, "--image_augment", True, "random resized crop, flip where meaning allows, colour jitter, blur")
     _flag(g, "--text_augment", True, "pick one of a pair's captions and whole-word-mask it (see --caption_mask_probability)")
-    g.add_argument("--caption_mask_probability", type=float, default=0.15,
+    g.add_argument("--caption_mask_probability", type=float, default=0.0,
                    help="words of the training caption replaced by [MASK] as augmentation [code]")
     g.add_argument("--dataloader_num_workers", type=int, default=0,
                    help="loader processes; 0 loads in the training process (cheap for the embedded data, and no worker competes with the compute threads)")
@@ -91,10 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_train_epochs", type=float, default=None, help="passes over the data, when --max_steps is not given")
     g.add_argument("--max_train_minutes", type=float, default=10.0,
                    help="wall-clock budget of the training loop; also sets the schedule length when neither --max_steps nor --num_train_epochs is given")
-    g.add_argument("--per_device_batch_size", type=int, default=64, help="pairs per micro-batch per process")
+    g.add_argument("--per_device_batch_size", type=int, default=128, help="pairs per micro-batch per process")
     g.add_argument("--accum_freq", type=int, default=1,
                    help="micro-batches per step, with feature caching: negatives from ALL micro-batches (GradCache)")
-    g.add_argument("--learning_rate", type=float, default=5e-4)
+    g.add_argument("--learning_rate", type=float, default=1e-3)
     g.add_argument("--weight_decay", type=float, default=0.1)
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.98)
