@@ -258,10 +258,14 @@ def test_bad_configs_get_clear_errors(overrides, message):
 
 
 def test_presets():
-    tiny, base = OneRConfig.from_preset("tiny"), OneRConfig.from_preset("base-patch16-224")
+    tiny, small = OneRConfig.from_preset("tiny"), OneRConfig.from_preset("small")
+    base = OneRConfig.from_preset("base-patch16-224")
     assert (base.hidden_size, base.num_hidden_layers, base.num_attention_heads) == (768, 12, 12)
     assert (base.image_size, base.patch_size, base.num_patches, base.max_position_embeddings) == (224, 16, 196, 78)
-    assert tiny.image_size == 64 and tiny.hidden_size == 256
+    assert (tiny.hidden_size, tiny.num_hidden_layers, tiny.image_size, tiny.num_patches) == (128, 2, 32, 64)
+    assert (small.hidden_size, small.num_hidden_layers, small.image_size) == (256, 4, 64)
+    assert {tiny.pooling, small.pooling, base.pooling} == {"mean"}
+    assert OneRConfig().pooling == "cls"  # the class default: folders saved before pooling existed load unchanged
     with pytest.raises(ValueError, match="unknown preset"):
         OneRConfig.from_preset("huge")
 

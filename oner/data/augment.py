@@ -114,7 +114,8 @@ class ImageAugment(_Seeded):
     def __call__(self, image: Image.Image, *, allow_flip: bool = True, rng: Any = None) -> Image.Image:
         """Augment one image; ``allow_flip=False`` for direction- or text-bearing concepts."""
         rng = self._rng(rng)
-        image = image.convert("RGB")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
         box = self._crop_box(rng, *image.size)
         image = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
         # Always draw, even when not flipping, so the random stream does not depend on allow_flip.

@@ -45,6 +45,7 @@ class AugmentedPairs(torch.utils.data.Dataset):
         self.epoch = 0
         self.length = len(dataset) if limit is None else min(int(limit), len(dataset))
         self._decoded: dict[int, dict] = {}
+        self._flip_allowed: dict[int, bool] = {}  # a pure function of the captions: computed once
         self._decoded_bytes = 0
 
     @property
@@ -70,13 +71,17 @@ class AugmentedPairs(torch.utils.data.Dataset):
         return sample
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        sample = self._decoded_sample(int(index))
+        index = int(index)
+        sample = self._decoded_sample(index)
         if sample is None:
             return None
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        rng = np.random.default_rng([self.seed, self.epoch, index])
         image, text = sample["image"], sample["text"]
         if self.image_augment is not None:
-            image = self.image_augment(image, allow_flip=flip_allowed(sample["captions"]), rng=rng)
+            allow_flip = self._flip_allowed.get(index)
+            if allow_flip is None:
+                allow_flip = self._flip_allowed[index] = flip_allowed(sample["captions"])
+            image = self.image_augment(image, allow_flip=allow_flip, rng=rng)
         if self.text_augment is not None:
             text = self.text_augment(sample, rng=rng)
         return {"image": image, "text": text, "captions": [text]}
