@@ -156,7 +156,7 @@ def test_oner_init_writes_a_complete_folder_with_overrides(tmp_path, capsys):
                       "--hidden-size", "64", "--num-hidden-layers", "1", "--num-attention-heads", "2"]) == 0
     config = AutoConfig.from_pretrained(folder)
     assert (config.image_size, config.patch_size, config.hidden_size, config.num_hidden_layers) == (32, 8, 64, 1)
-    assert config.intermediate_size == 1024  # untouched preset field
+    assert config.intermediate_size == 512 and config.pooling == "mean"  # untouched preset fields
     assert all((folder / name).is_file() for name in REMOTE_CODE_FILES)
     assert json.loads((folder / "processor_config.json").read_text())["patch_size"] == 8
     assert oner_init(["--output-dir", str(tmp_path / "bad"), "--hidden-size", "30"]) == 2
