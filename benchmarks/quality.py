@@ -83,6 +83,7 @@ QUICK_ROWS = ["clip (two towers, ITC)", "oner xmc (cross-pair)"]
 METRICS = [
     ("openmoji i2t R@1", "retrieval_openmoji", "i2t_R@1"),
     ("openmoji i2t R@5", "retrieval_openmoji", "i2t_R@5"),
+    ("openmoji i2t R@10", "retrieval_openmoji", "i2t_R@10"),
     ("openmoji t2i R@1", "retrieval_openmoji", "t2i_R@1"),
     ("openmoji t2i R@5", "retrieval_openmoji", "t2i_R@5"),
     ("twemoji i2t R@1", "retrieval_twemoji", "i2t_R@1"),
@@ -93,6 +94,7 @@ METRICS = [
     ("text-guided pointing", "text_guided_pointing", "pointing_accuracy"),
     ("multimodal R@1", "multimodal_retrieval", "R@1"),
     ("multimodal R@5", "multimodal_retrieval", "R@5"),
+    ("name-only R@1", "multimodal_retrieval", "text_only_R@1"),
 ]
 # The summary score used to rank objectives: mean of these (all held-out style or emergent).
 SCORE = ["openmoji i2t R@5", "openmoji t2i R@5", "zs names100 top1", "zs group top1", "pointing",
@@ -245,7 +247,7 @@ def markdown(data: dict) -> str:
     return ("Values in %, mean ± sample std over seeds; steps = optimizer steps reached in the budget. "
             f"Grid `{meta.get('grid')}`: budget {meta.get('budget_minutes')} min of training per run, "
             f"{meta.get('jobs')} run(s) at a time with {meta.get('threads')} thread(s) each; every run is train.py's "
-            f"default plus its row's flags; eval capped at {meta.get('eval_max_items')} items per suite. "
+            f"default plus its row's flags; eval on {meta.get('eval_max_items') or 'all'} items per suite. "
             f"Score = mean of {', '.join(SCORE)}.\n\n" + "\n".join(lines) + "\n")
 
 

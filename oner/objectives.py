@@ -37,6 +37,9 @@ TERMS = ("itc", "xmc", "cic", "cmc", "mlm")
 # How XMC builds its mixup (docs/method.md): the paper's "same-pair" mix of image i and text i, or
 # our "cross-pair" mix of image i and the text of ANOTHER pair, scored with soft targets.
 XMC_FORMS = ("same-pair", "cross-pair")
+# What CMC's joint pass sees beside the caption: its own image ("pair", the paper's joint sequence),
+# or a 2x2 mosaic of its image and three other images of the batch ("mosaic", ours).
+CMC_CONTEXTS = ("pair", "mosaic")
 # Which encoder passes each term needs: image-only, text-only, joint full attention, joint
 # cross-modal attention, joint with masked text.
 _NEEDS = {
@@ -107,6 +110,11 @@ class ObjectiveConfig:
             `cmc`, trading the joint space's training for speed (1 = every row) [ours].
         temperature: a FIXED temperature (MoCo v3 uses 0.2) instead of the learned logit scale;
             None keeps it learned (CLIP) [inferred].
+        cmc_context: the image of CMC's joint pass. `"pair"`: the pair's own image. `"mosaic"` (ours):
+            a 2x2 mosaic of the pair's image (in a random quadrant) and three other images of the
+            batch, each at half resolution, still contrasted with the pair's own mixup, so the joint
+            pass must find the object the caption names among distractors (what a joint image+text
+            query about one object in a scene needs).
     """
 
     weights: dict[str, float] = field(default_factory=lambda: parse_objective(DEFAULT_OBJECTIVE))
@@ -119,6 +127,7 @@ class ObjectiveConfig:
     xmc_form: str = "same-pair"
     cmc_fraction: float = 1.0
     temperature: float | None = None
+    cmc_context: str = "pair"
 
     def __post_init__(self) -> None:
         if self.pairwise not in PAIRWISE_KINDS:
@@ -133,6 +142,8 @@ class ObjectiveConfig:
             raise ValueError(f"xmc_form must be one of {XMC_FORMS}, got {self.xmc_form!r}")
         if self.xmc_form == "cross-pair" and self.pairwise != "softmax":
             raise ValueError("xmc_form 'cross-pair' scores soft targets and needs the softmax pairwise loss")
+        if self.cmc_context not in CMC_CONTEXTS:
+            raise ValueError(f"cmc_context must be one of {CMC_CONTEXTS}, got {self.cmc_context!r}")
         if not 0.0 < self.cmc_fraction <= 1.0:
             raise ValueError(f"cmc_fraction must be in (0, 1], got {self.cmc_fraction}")
         if self.temperature is not None and not 0.0 < self.temperature <= 1.0:
@@ -276,7 +287,8 @@ class OneRPretrainer(nn.Module):
         joint_rows = None
         if self.objective.cmc_fraction < 1.0:
             joint_rows = max(1, math.ceil(self.objective.cmc_fraction * len(input_ids)))
-        out = encode_pairs(self.model, input_ids, attention_mask, pixel_values, self.passes, joint_rows)
+        joint_pixels = mosaic(pixel_values) if self.objective.cmc_context == "mosaic" and "joint" in self.passes else None
+        out = encode_pairs(self.model, input_ids, attention_mask, pixel_values, self.passes, joint_rows, joint_pixels)
         if self.mlm_head is not None:
             if mlm_input_ids is None or mlm_labels is None:
                 raise ValueError("the mlm term needs mlm_input_ids and mlm_labels (see whole_word_mask)")
@@ -303,9 +315,11 @@ def encode_pairs(
     pixel_values: torch.Tensor,
     passes: set[str],
     joint_rows: int | None = None,
+    joint_pixels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Normalised embeddings of the requested passes (`image`, `text`, `joint`, `cross`), each `(n, d)`;
-    the `joint` pass (full attention) only of the first `joint_rows` pairs when given."""
+    the `joint` pass (full attention) only of the first `joint_rows` pairs when given, and on
+    `joint_pixels` (e.g. a [`mosaic`]) instead of `pixel_values` when given."""
     out: dict[str, torch.Tensor] = {}
     if "image" in passes:
         out["image"] = _normalize(model.get_image_features(pixel_values=pixel_values))
@@ -314,15 +328,34 @@ def encode_pairs(
     for name, cross in (("joint", False), ("cross", True)):
         if name in passes:
             rows = slice(None) if cross or joint_rows is None else slice(0, joint_rows)
+            pixels = joint_pixels if name == "joint" and joint_pixels is not None else pixel_values
             out[name] = _normalize(
                 model.get_multimodal_features(
                     input_ids=input_ids[rows],
-                    pixel_values=pixel_values[rows],
+                    pixel_values=pixels[rows],
                     attention_mask=attention_mask[rows],
                     cross_modal_attention=cross,
                 )
             )
     return out
+
+
+def mosaic(pixel_values: torch.Tensor) -> torch.Tensor:
+    """`(n, c, h, w)` -> `(n, c, h, w)`: image i at half resolution in a random quadrant of a 2x2
+    mosaic whose other quadrants hold images i+1, i+2, i+3 of the batch (cyclically).
+
+    The quadrant comes from torch's global generator, so feature caching's replayed RNG state
+    rebuilds the same mosaic. A batch of fewer than 4 images repeats images.
+    """
+    n, _, h, w = pixel_values.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"a mosaic needs even image sides, got {h}x{w}")
+    small = F.interpolate(pixel_values.float(), size=(h // 2, w // 2), mode="bilinear", antialias=True,
+                          align_corners=False).to(pixel_values.dtype)
+    own_quadrant = torch.randint(0, 4, (n,), device=pixel_values.device)
+    rows = torch.arange(n, device=pixel_values.device)
+    tiles = [small[(rows + (k - own_quadrant) % 4) % n] for k in range(4)]  # quadrant k of every mosaic
+    return torch.cat([torch.cat(tiles[:2], dim=3), torch.cat(tiles[2:], dim=3)], dim=2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -238,3 +238,38 @@ def test_modality_gap_statistics():
     mixed = modality_gap(z_i, z_i)  # the same vectors: nothing tells the modalities apart
     assert mixed["gap/centroid_distance"] < 1e-6 and mixed["gap/modality_probe_acc"] <= 0.5
     assert abs(mixed["gap/pair_cosine"] - 1.0) < 1e-5
+
+
+def test_mosaic_puts_each_image_in_one_quadrant_among_three_others():
+    from oner.objectives import mosaic
+
+    torch.manual_seed(0)
+    n, size = 5, 8
+    images = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 3, size, size).contiguous()
+    out = mosaic(images)
+    assert out.shape == images.shape
+    for i in range(n):
+        quadrants = [out[i, 0, r : r + 4, c : c + 4] for r in (0, 4) for c in (0, 4)]
+        values = sorted(float(q.mean()) for q in quadrants)
+        assert values == sorted(float((i + k) % n) for k in range(4))  # itself and the next three
+        assert all(q.std() == 0 for q in quadrants)  # whole tiles, not blends
+    with pytest.raises(ValueError, match="even"):
+        mosaic(torch.zeros(2, 3, 5, 5))
+
+
+def test_cmc_mosaic_feeds_the_joint_pass_and_keeps_the_pair_target(tiny_model, batch):
+    seen = []
+    original = tiny_model.get_multimodal_features
+
+    def spy(**kwargs):
+        seen.append(kwargs["pixel_values"])
+        return original(**kwargs)
+
+    tiny_model.get_multimodal_features = spy
+    loss, parts, _ = _run(tiny_model, batch, "xmc+cmc", xmc_form="cross-pair", cmc_context="mosaic")
+    assert len(seen) == 1 and seen[0].shape == batch["pixel_values"].shape
+    assert not torch.equal(seen[0], batch["pixel_values"])  # the joint pass saw mosaics, not the pair's image
+    loss.backward()
+    assert torch.isfinite(parts["cmc"]) and tiny_model.head.proj.weight.grad is not None
+    with pytest.raises(ValueError, match="cmc_context"):
+        ObjectiveConfig(weights={"cmc": 1.0}, cmc_context="grid")

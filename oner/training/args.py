@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="XMC's mixup: image i + text i (paper, inferred) or image i + text of another pair with soft targets (ours; no shortcut)")
     g.add_argument("--cmc_fraction", type=float, default=1.0,
                    help="fraction of each batch that gets CMC's joint pass (1 = all); the joint pass costs about as much as the image and text passes together")
+    g.add_argument("--cmc_context", default="pair", choices=("pair", "mosaic"),
+                   help="image of CMC's joint pass: the pair's own (paper) or a 2x2 mosaic with 3 other batch images (ours)")
     g.add_argument("--temperature", type=float, default=None,
                    help="fixed temperature of every contrastive term (MoCo v3: 0.2); unset = learned logit scale (CLIP)")
     g.add_argument("--momentum", type=float, default=0.0,
@@ -196,7 +198,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
         ObjectiveConfig(weights=args.objective_weights, pairwise=args.pairwise_loss, mix_weight=args.mix_weight,
                         mlm_probability=args.mlm_probability, momentum=args.momentum, xmc_form=args.xmc_form,
-                        cmc_fraction=args.cmc_fraction, temperature=args.temperature)
+                        cmc_fraction=args.cmc_fraction, temperature=args.temperature,
+                        cmc_context=args.cmc_context)
     except ValueError as e:
         parser.error(f"objective settings: {e}")
     if args.cmc_fraction < 1.0 and args.accum_freq > 1:

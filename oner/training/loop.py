@@ -123,6 +123,7 @@ def objective_config(args) -> ObjectiveConfig:
         xmc_form=args.xmc_form,
         cmc_fraction=args.cmc_fraction,
         temperature=args.temperature,
+        cmc_context=args.cmc_context,
     )
 
 
