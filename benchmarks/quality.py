@@ -53,6 +53,8 @@ GRIDS: dict[str, dict[str, dict]] = {
         "oner xmc (cross-pair)": dict(objective="xmc", xmc_form="cross-pair"),
         "oner xmc+cic (cross-pair)": dict(objective="xmc+cic", xmc_form="cross-pair"),
         "oner xmc+cmc (cross-pair)": dict(objective="xmc+cmc", xmc_form="cross-pair"),
+        "oner xmc+cmc (cross-pair, mosaic, cmc on 50%)": dict(objective="xmc+cmc", xmc_form="cross-pair",
+                                                              cmc_context="mosaic", cmc_fraction=0.5),
         "oner itc+cmc": dict(objective="itc+cmc", cmc_fraction=1.0),
         "oner itc+cmc (cmc on 25%)": dict(objective="itc+cmc", cmc_fraction=0.25),
     },
