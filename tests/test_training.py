@@ -63,7 +63,8 @@ def test_no_arguments_is_the_tiny_embedded_config():
     default.pop("config")
     assert default == from_file
     assert default["preset"] == "tiny" and default["train_data"] == "embedded"
-    assert default["max_train_minutes"] == 10 and default["objective"] == "itc"
+    assert default["max_train_minutes"] == 10 and default["objective"] == "xmc+cmc"
+    assert (default["xmc_form"], default["cmc_context"], default["cmc_fraction"]) == ("cross-pair", "mosaic", 0.5)
 
 
 def test_paper_config_parses():
@@ -231,7 +232,7 @@ def test_resume_with_other_settings_is_refused(pairs_dir, tmp_path, capsys):
 
     out = tmp_path / "run"
     assert main(tiny_args(pairs_dir, out, "--max_steps", "2", "--checkpointing_steps", "2")) == 0
-    rc = main(tiny_args(pairs_dir, out, "--max_steps", "4", "--objective", "xmc+cmc", "--resume_from_checkpoint", "latest"))
+    rc = main(tiny_args(pairs_dir, out, "--max_steps", "4", "--objective", "itc", "--resume_from_checkpoint", "latest"))
     assert rc == 1 and "settings differ" in capsys.readouterr().err
 
 
@@ -323,3 +324,29 @@ def test_a_step_count_keeps_the_step_schedule():
         scheduler.step()
     assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-9)
     assert state.decay_start_seconds is None
+
+
+def test_feature_cached_accumulation_with_a_cmc_fraction(tiny_config, tiny_processor):
+    """With --cmc_fraction the joint pass covers the first rows of EACH micro-batch; its targets must be
+    those rows' mixups. Checked against one batch reordered so that the same pairs come first."""
+    from accelerate import Accelerator
+    from modeling_oner import OneRModel
+    from oner.objectives import Objective, ObjectiveConfig, OneRPretrainer, parse_objective
+    from oner.training.step import forward_backward
+
+    accelerator = Accelerator(cpu=True)
+    big = _micro_batches(tiny_processor)
+    config = ObjectiveConfig(weights=parse_objective("xmc+cmc"), cmc_fraction=0.5)  # permutation-invariant terms
+
+    def run(micro):
+        torch.manual_seed(0)
+        pretrainer = OneRPretrainer(OneRModel(tiny_config), config).train()
+        loss, _ = forward_backward(pretrainer, Objective(config), micro, accelerator)
+        return loss, {n: p.grad.clone() for n, p in pretrainer.named_parameters() if p.grad is not None}
+
+    cached_loss, cached_grads = run([{k: v[i * 2:(i + 1) * 2] for k, v in big.items()} for i in range(4)])
+    order = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])  # rows 0, 2, 4, 6 are each micro-batch's first row
+    single_loss, single_grads = run([{k: v[order] for k, v in big.items()}])
+    assert torch.allclose(cached_loss, single_loss, atol=1e-5)
+    for name in single_grads:
+        assert torch.allclose(cached_grads[name], single_grads[name], atol=1e-5, rtol=1e-4), name

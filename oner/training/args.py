@@ -77,11 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--local_loss", False, "score local rows against gathered columns only (open_clip --local-loss)")
     g.add_argument("--mix_weight", type=float, default=0.5, help="lam of the mixup lam*z_I + (1-lam)*z_T [inferred]")
     g.add_argument("--mlm_probability", type=float, default=0.15, help="fraction of caption words masked for the mlm term")
-    g.add_argument("--xmc_form", default="same-pair", choices=("same-pair", "cross-pair"),
+    g.add_argument("--xmc_form", default="cross-pair", choices=("same-pair", "cross-pair"),
                    help="XMC's mixup: image i + text i (paper, inferred) or image i + text of another pair with soft targets (ours; no shortcut)")
-    g.add_argument("--cmc_fraction", type=float, default=1.0,
+    g.add_argument("--cmc_fraction", type=float, default=0.5,
                    help="fraction of each batch that gets CMC's joint pass (1 = all); the joint pass costs about as much as the image and text passes together")
-    g.add_argument("--cmc_context", default="pair", choices=("pair", "mosaic"),
+    g.add_argument("--cmc_context", default="mosaic", choices=("pair", "mosaic"),
                    help="image of CMC's joint pass: the pair's own (paper) or a 2x2 mosaic with 3 other batch images (ours)")
     g.add_argument("--temperature", type=float, default=None,
                    help="fixed temperature of every contrastive term (MoCo v3: 0.2); unset = learned logit scale (CLIP)")
@@ -202,8 +202,6 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
                         cmc_context=args.cmc_context)
     except ValueError as e:
         parser.error(f"objective settings: {e}")
-    if args.cmc_fraction < 1.0 and args.accum_freq > 1:
-        parser.error("--cmc_fraction below 1 works with --accum_freq 1 only (the cached features would not line up)")
     if args.mixed_precision == "fp32":
         args.mixed_precision = "no"
     for name in ("per_device_batch_size", "accum_freq", "max_nonfinite_steps", "logging_steps"):

@@ -28,7 +28,8 @@ from .step import forward_backward
 from .tracking import PLOT_NAME, TrainingLog, format_eta, plot_loss_curve
 
 # Settings that must match between a checkpoint and the run resuming it.
-RESUME_MUST_MATCH = ("preset", "config_overrides", "architecture", "objective", "per_device_batch_size", "accum_freq", "pairwise_loss")
+RESUME_MUST_MATCH = ("preset", "config_overrides", "architecture", "objective", "per_device_batch_size", "accum_freq",
+                     "pairwise_loss", "xmc_form", "cmc_context", "cmc_fraction", "temperature")
 
 
 class UserError(Exception):

@@ -91,6 +91,11 @@ def _cached_forward_backward(model, objective, micro_batches, accelerator, ema, 
             targets.append(_targets(ema, batch, accelerator))
     keys = [k for k in _FEATURE_KEYS if k in cached[0]]
     leaves = {k: torch.cat([c[k] for c in cached]).detach().requires_grad_(True) for k in keys}
+    sizes = {k: [len(c[k]) for c in cached] for k in keys}  # rows per micro-batch (joint: a fraction)
+    if "joint_rows" in cached[0]:  # which rows of the whole step the joint pass covered
+        starts = [0] + [len(b["input_ids"]) for b in micro_batches][:-1]
+        offsets = torch.tensor(starts, device=device).cumsum(0)
+        leaves["joint_rows"] = torch.cat([c["joint_rows"] + o for c, o in zip(cached, offsets)])
     for k in _SCALAR_KEYS:
         if k in cached[0]:
             leaves[k] = cached[0][k].detach().clone().requires_grad_(True)
@@ -107,25 +112,26 @@ def _cached_forward_backward(model, objective, micro_batches, accelerator, ema, 
         loss = loss * float("nan")
     contrastive = sum(weight * parts[name] for name, weight in objective.config.weights.items()
                       if name in parts and name != "mlm")
-    grads = torch.autograd.grad(contrastive, list(leaves.values()), allow_unused=True) if leaves else []
-    grads = {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, grads)}
+    differentiable = {k: v for k, v in leaves.items() if v.requires_grad}
+    grads = torch.autograd.grad(contrastive, list(differentiable.values()), allow_unused=True) if differentiable else []
+    grads = {k: (g if g is not None else torch.zeros_like(differentiable[k])) for k, g in zip(differentiable, grads)}
     if poison:
         grads = {k: g * float("nan") for k, g in grads.items()}
 
     # 3. re-encode each micro-batch with gradient and push the cached gradients through it.
-    offset = 0
+    offset = dict.fromkeys(keys, 0)
     for index, (batch, rand) in enumerate(zip(micro_batches, rand_states)):
         last = index == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
         with sync, rand:
             out = model(**batch)
-            n = len(batch["input_ids"])
-            surrogate = sum((out[k] * grads[k][offset : offset + n]).sum() for k in keys)
+            surrogate = sum((out[k] * grads[k][offset[k] : offset[k] + sizes[k][index]]).sum() for k in keys)
             for k in _SCALAR_KEYS:
                 if k in grads:  # the scalar's gradient once, on the first micro-batch
                     surrogate = surrogate + out[k] * (grads[k] if index == 0 else 0.0)
             if "mlm_sum" in out:
                 surrogate = surrogate + objective.mlm_loss(out["mlm_sum"], mlm_count)
             accelerator.backward(surrogate)
-        offset += n
+        for k in keys:
+            offset[k] += sizes[k][index]
     return loss.detach(), {k: v.detach() for k, v in parts.items()}
