@@ -98,6 +98,7 @@ METRICS = [
     ("multimodal R@5", "multimodal_retrieval", "R@5"),
     ("name-only R@1", "multimodal_retrieval", "text_only_R@1"),
 ]
+METRIC_SOURCE = {col: (suite, metric) for col, suite, metric in METRICS}
 # The summary score used to rank objectives: mean of these (all held-out style or emergent).
 SCORE = ["openmoji i2t R@5", "openmoji t2i R@5", "zs names100 top1", "zs group top1", "pointing",
          "text-guided pointing", "multimodal R@5"]
@@ -218,7 +219,8 @@ def summarise(runs: list[dict], stem: Path, meta: dict) -> dict:
         rs = [r for r in ok if r["config"] == n]
         entry = {"n_seeds": len(rs), "seeds": sorted(r["seed"] for r in rs)}
         for col, _, _ in METRICS + [("score", None, None)]:
-            vals = [r["metrics"][col] if col != "score" else r["score"] for r in rs]
+            # from the stored suite results, so that a column added later covers earlier runs too
+            vals = [_get(r["results"], *METRIC_SOURCE[col]) if col != "score" else r["score"] for r in rs]
             vals = [v for v in vals if v is not None]
             entry[col] = dict(zip(("mean", "std"), _mean_std(vals)))
         entry["steps"] = dict(zip(("mean", "std"), _mean_std([r["steps"] for r in rs if r.get("steps") is not None])))
