@@ -110,31 +110,6 @@ class OneRConfig(PretrainedConfig):
         mask_token_id: int = 103,
         **kwargs,
     ):
-        if hidden_size % num_attention_heads != 0:
-            raise ValueError(
-                f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})"
-            )
-        if image_size % patch_size != 0:
-            raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
-        if projection_head not in PROJECTION_HEADS:
-            raise ValueError(f"projection_head must be one of {PROJECTION_HEADS}, got {projection_head!r}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        for name, value in [
-            ("hidden_size", hidden_size),
-            ("num_hidden_layers", num_hidden_layers),
-            ("num_attention_heads", num_attention_heads),
-            ("intermediate_size", intermediate_size),
-            ("image_size", image_size),
-            ("patch_size", patch_size),
-            ("num_channels", num_channels),
-            ("vocab_size", vocab_size),
-            ("max_position_embeddings", max_position_embeddings),
-            ("projection_dim", projection_dim),
-        ]:
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
@@ -165,6 +140,30 @@ class OneRConfig(PretrainedConfig):
             },
         )
         super().__init__(pad_token_id=pad_token_id, **kwargs)
+        self.validate_oner()
+
+    def validate_oner(self) -> None:
+        """Raise ValueError naming the field for an inconsistent config. Runs here and again in
+        `OneRModel.__init__`, since `from_pretrained(dir, hidden_size=...)` sets its keyword
+        overrides after `__init__`."""
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
+                     "patch_size", "num_channels", "vocab_size", "max_position_embeddings", "projection_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        hidden_size, num_attention_heads = self.hidden_size, self.num_attention_heads
+        image_size, patch_size = self.image_size, self.patch_size
+        projection_head, pooling = self.projection_head, self.pooling
+        if hidden_size % num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})"
+            )
+        if image_size % patch_size != 0:
+            raise ValueError(f"image_size ({image_size}) must be divisible by patch_size ({patch_size})")
+        if projection_head not in PROJECTION_HEADS:
+            raise ValueError(f"projection_head must be one of {PROJECTION_HEADS}, got {projection_head!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
     @property
     def num_patches(self) -> int:

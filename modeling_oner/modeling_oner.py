@@ -331,6 +331,7 @@ class OneRModel(OneRPreTrainedModel):
     """
 
     def __init__(self, config: OneRConfig):
+        config.validate_oner()  # again: from_pretrained's keyword overrides are set after the config's __init__
         super().__init__(config)
         self.embeddings = OneREmbeddings(config)
         self.encoder = OneREncoder(config)

@@ -328,3 +328,19 @@ def test_pooling_survives_save_and_load_and_bad_values_are_named(tiny_config, tm
     assert OneRModel.from_pretrained(tmp_path).config.pooling == "cls+mean"
     with pytest.raises(ValueError, match="pooling"):
         OneRConfig.from_preset("tiny", pooling="max")
+
+
+def test_config_checks_run_wherever_a_model_is_built(tiny_model_dir):
+    """from_pretrained's keyword overrides are set after OneRConfig.__init__; the model checks again."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(tiny_model_dir, trust_remote_code=True, hidden_size=100, num_attention_heads=3)
+    with pytest.raises(ValueError, match="divisible by num_attention_heads"):
+        AutoModel.from_config(config, trust_remote_code=True)
+    config = AutoConfig.from_pretrained(tiny_model_dir, trust_remote_code=True, pooling="max")
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        AutoModel.from_config(config, trust_remote_code=True)
+    from modeling_oner import OneRConfig
+
+    with pytest.raises(ValueError, match="num_attention_heads must be a positive integer"):
+        OneRConfig.from_preset("tiny", num_attention_heads=0)  # named, not a ZeroDivisionError
