@@ -79,6 +79,9 @@ class OneRConfig(PretrainedConfig):
             The paper's modality-agnostic aim suggests keeping such pieces minimal; unknown whether
             OneR has one [inferred], so it is a switch (default on, which joint sequences need most).
         logit_scale_init_value (`float`): initial log of the inverse temperature (ln(1/0.07) = 2.6592).
+        logit_bias_init (`float`, *optional*): when set, the model has a learned logit bias added to every
+            score, initialised at this value, as SigLIP does; a model trained with the pairwise sigmoid
+            loss has one (-10), so its `logits_per_image` are the ones it was trained to output.
         initializer_range (`float`): std of the truncated-normal weight initialisation.
         pad_token_id (`int`): id of the padding token.
         mask_token_id (`int`): id of the [MASK] token (masked-language modelling).
@@ -105,6 +108,7 @@ class OneRConfig(PretrainedConfig):
         pooling: str = "cls",
         use_modality_embeddings: bool = True,
         logit_scale_init_value: float = 2.6592,
+        logit_bias_init: float | None = None,
         initializer_range: float = 0.02,
         pad_token_id: int = 0,
         mask_token_id: int = 103,
@@ -127,6 +131,7 @@ class OneRConfig(PretrainedConfig):
         self.pooling = pooling
         self.use_modality_embeddings = use_modality_embeddings
         self.logit_scale_init_value = logit_scale_init_value
+        self.logit_bias_init = logit_bias_init
         self.initializer_range = initializer_range
         self.mask_token_id = mask_token_id
         # The zero-shot-image-classification pipeline loads AutoModelForZeroShotImageClassification;

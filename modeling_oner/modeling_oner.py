@@ -314,6 +314,8 @@ class OneRPreTrainedModel(PreTrainedModel):
             nn.init.trunc_normal_(module.cls_embedding, std=std)
         elif isinstance(module, OneRModel):
             nn.init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            if module.logit_bias is not None:
+                nn.init.constant_(module.logit_bias, self.config.logit_bias_init)
 
 
 class OneRModel(OneRPreTrainedModel):
@@ -338,6 +340,9 @@ class OneRModel(OneRPreTrainedModel):
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.head = OneRProjectionHead(config)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        # SigLIP's bias, only in models trained with the sigmoid loss (older folders have none).
+        bias = getattr(config, "logit_bias_init", None)
+        self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
         self.post_init()
 
     # ------------------------------------------------------------------ input checks
@@ -627,10 +632,12 @@ class OneRModel(OneRPreTrainedModel):
         return F.normalize(embeddings.float(), dim=-1)
 
     def similarity(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Scaled cosine similarities `(n_queries, n_keys)` of normalised embeddings, in fp32."""
+        """Scaled cosine similarities `(n_queries, n_keys)` of normalised embeddings, in fp32, plus the
+        logit bias when the model has one (trained with the sigmoid loss)."""
         with torch.autocast(device_type=queries.device.type, enabled=False):
             scale = self.logit_scale.float().exp()
-            return scale * queries.float() @ keys.float().t()
+            logits = scale * queries.float() @ keys.float().t()
+            return logits + self.logit_bias.float() if self.logit_bias is not None else logits
 
 
 __all__ = ["OneRModel", "OneRPreTrainedModel", "OneROutput", "OneREncoderLayer"]

@@ -14,7 +14,8 @@ between paired rows (InfoNCE, or SigLIP's sigmoid loss), negatives from every pr
 | `mlm` | cross-entropy on whole-word-masked caption tokens, joint pass with the image | [talk]/[code], form [inferred] |
 
 The total is `sum_k w_k * L_k`. The model stays pure (`modeling_oner` has no loss heads): the MLM
-head and the SigLIP bias live in [`OneRPretrainer`], a training-side wrapper that is what DDP wraps.
+head lives in [`OneRPretrainer`], a training-side wrapper that is what DDP wraps; the SigLIP bias of the
+sigmoid loss is the model's own `logit_bias` (saved with it, added to its scores).
 
 The training loop uses three pieces so that feature caching (GradCache) can split them:
 [`OneRPretrainer.forward`] (features of one micro-batch), [`Objective.contrastive_loss`]
@@ -244,7 +245,7 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 class OneRPretrainer(nn.Module):
-    """A `OneRModel` plus the training-only parts (MLM head, SigLIP bias); one forward per micro-batch.
+    """A `OneRModel` plus the training-only parts (MLM head); one forward per micro-batch.
 
     `forward(input_ids, attention_mask, pixel_values, mlm_input_ids=None, mlm_labels=None)`
     returns a dict:
@@ -267,14 +268,20 @@ class OneRPretrainer(nn.Module):
             if "mlm" in self.passes
             else None
         )
-        self.logit_bias = (
-            nn.Parameter(torch.tensor(float(config.sigmoid_bias_init))) if config.pairwise == "sigmoid" else None
-        )
+        if config.pairwise == "sigmoid" and getattr(model, "logit_bias", None) is None:
+            # The sigmoid loss's bias belongs to the model (saved with it, used by its scores).
+            model.config.logit_bias_init = float(config.sigmoid_bias_init)
+            model.logit_bias = nn.Parameter(torch.tensor(float(config.sigmoid_bias_init)))
         if config.temperature is not None:
             # Saved with the model, so that its logits are those it was trained with.
             with torch.no_grad():
                 model.logit_scale.fill_(math.log(1.0 / config.temperature))
             model.logit_scale.requires_grad_(False)
+
+    @property
+    def logit_bias(self) -> nn.Parameter | None:
+        """The model's SigLIP bias when the objective is the sigmoid loss, else None."""
+        return self.model.logit_bias if self.objective.pairwise == "sigmoid" else None
 
     def forward(
         self,

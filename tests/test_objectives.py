@@ -273,3 +273,22 @@ def test_cmc_mosaic_feeds_the_joint_pass_and_keeps_the_pair_target(tiny_model, b
     assert torch.isfinite(parts["cmc"]) and tiny_model.head.proj.weight.grad is not None
     with pytest.raises(ValueError, match="cmc_context"):
         ObjectiveConfig(weights={"cmc": 1.0}, cmc_context="grid")
+
+
+def test_the_sigmoid_bias_is_saved_with_the_model_and_used_by_its_scores(tiny_config, tmp_path, batch):
+    from modeling_oner import OneRModel
+
+    torch.manual_seed(0)
+    model = OneRModel(tiny_config)
+    assert model.logit_bias is None  # a softmax-trained (or older) model has no bias
+    pretrainer = OneRPretrainer(model, ObjectiveConfig(weights={"itc": 1.0}, pairwise="sigmoid"))
+    assert pretrainer.logit_bias is model.logit_bias and model.logit_bias.item() == -10.0
+    with torch.no_grad():
+        model.logit_bias.fill_(-3.0)  # as if trained
+    model.save_pretrained(tmp_path)
+    loaded = OneRModel.from_pretrained(tmp_path).eval()
+    assert loaded.logit_bias.item() == -3.0
+    with torch.no_grad():
+        out = loaded(**batch)
+        unbiased = loaded.logit_scale.exp() * out.image_embeds @ out.text_embeds.t()
+    torch.testing.assert_close(out.logits_per_image, unbiased - 3.0)
