@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def make_accelerator(args) -> Accelerator:
     """The run's Accelerator; `args.mixed_precision` is resolved here (see `oner.training.runtime`)."""
-    args.mixed_precision, args.mixed_precision_reason = choose_mixed_precision(args.mixed_precision, _device_type())
-    args.attn_implementation, args.attn_reason = choose_attn_implementation(args.attn_implementation, _device_type())
+    device_type = _device_type()
+    args.mixed_precision, args.mixed_precision_reason = choose_mixed_precision(args.mixed_precision, device_type)
+    args.attn_implementation, args.attn_reason = choose_attn_implementation(args.attn_implementation, device_type)
     log_with = None
     if args.report_to not in ("none", "", None):
         from accelerate.utils import is_tensorboard_available
