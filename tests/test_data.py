@@ -376,8 +376,20 @@ def test_bad_arguments(tmp_path, small_build, monkeypatch):
     (tmp_path / "junk" / "notes.txt").write_text("hi")
     with pytest.raises(ValueError, match="not a data set"):
         load_image_text_dataset(str(tmp_path / "junk"))
-    with pytest.raises(FileNotFoundError, match="matches no .tar"):
+    with pytest.raises(FileNotFoundError, match="matches no file"):
         load_image_text_dataset(str(tmp_path / "*.tar"))
+    # Brace ranges (open_clip's shard convention): every shard must exist.
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"4 of 4 shards do not exist"):
+        load_image_text_dataset(str(tmp_path / "shards" / "{0000..0003}.tar"))
+    _write_shards(tmp_path / "shards", n_shards=1, per_shard=1)
+    with pytest.raises(FileNotFoundError, match=r"1 of 2 shards do not exist.*shard-001.tar"):
+        load_image_text_dataset(str(tmp_path / "shards" / "shard-{000..001}.tar"))
+    with pytest.raises(ValueError, match="unbalanced braces"):
+        load_image_text_dataset(str(tmp_path / "shards" / "shard-{000..001.tar"))
+    (tmp_path / "shards" / "extra.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match="mix file types"):
+        load_image_text_dataset(str(tmp_path / "shards" / "*"))
     with pytest.raises(FileNotFoundError, match="offline"):
         load_image_text_dataset("someone/some-dataset")
     monkeypatch.setenv("ONER_DATA_HOME", str(small_build))

@@ -7,9 +7,12 @@
   (the embedded set, built on first use);
 - a folder with ``metadata.jsonl`` or ``metadata.csv`` (a ``datasets`` imagefolder);
 - a ``.csv`` file with an image path column (relative to the CSV's folder) and a caption column;
-- a folder, a ``.tar`` file or a glob of webdataset ``.tar`` shards (streamed);
+- data files: webdataset ``.tar``, ``.parquet`` (both streamed by default), ``.jsonl`` or
+  ``.csv`` (an image path column, relative to the file's folder, or an image bytes column), named
+  as one file, a glob, a brace range (``'/data/{00000..00331}.tar'``) or a folder of them;
 - a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
-- a Hub data set name (only when online).
+- a Hub data set name, with an optional configuration and revision (only when online; streamed
+  by default).
 
 Images are decoded here, not by ``datasets``, so that a damaged file is caught, counted in a
 ``DataStats`` by kind and skipped instead of crashing the run. A map-style data set cannot drop an
@@ -34,6 +37,7 @@ from .stats import DataStats
 IMAGE_COLUMNS = ("image", "jpg", "png", "jpeg", "webp", "img")
 TEXT_COLUMNS = ("text", "caption", "txt", "captions", "sentence", "label_text")
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+SAVED_STREAM_SHARDS = 64  # a streamed save_to_disk folder is cut into this many shards (at most)
 
 
 class DamagedSample(Exception):
@@ -292,16 +296,70 @@ def _load_embedded(source: str):
     return root / name
 
 
-def _tar_files(source: str) -> list[str]:
-    """Webdataset shards named by a glob, a .tar file or a folder of .tar files (sorted)."""
+#: Data files a source may name directly, by suffix, and the ``datasets`` builder that reads them.
+SHARD_BUILDERS = {".tar": "webdataset", ".parquet": "parquet", ".jsonl": "json", ".json": "json",
+                  ".csv": "csv", ".tsv": "csv"}
+#: Shard formats streamed by default (``streaming=None``): web-scale data comes in these.
+STREAMED_BY_DEFAULT = ("webdataset", "parquet")
+
+
+def expand_shards(source: str) -> list[str]:
+    """The data files a source names, in order: a brace range (open_clip's and webdataset's
+    ``'/data/{00000..00331}.tar'``, expanded with ``braceexpand``), a glob, or one file. Returns ``[]``
+    when the source is none of these (a folder, a Hub name).
+
+    Raises ``ValueError`` for unbalanced braces or a range that expands to nothing, and
+    ``FileNotFoundError`` naming the missing files when a brace range or glob names files that do
+    not exist: a missing shard is an error, never a silently smaller data set.
+    """
+    if "{" in source or "}" in source:
+        from braceexpand import UnbalancedBracesError, braceexpand
+
+        try:
+            names = list(braceexpand(source))
+        except UnbalancedBracesError as e:
+            raise ValueError(f"{source!r}: unbalanced braces in the shard range ({e})") from None
+        if not names:
+            raise ValueError(f"{source!r}: the brace range expands to no file name")
+        files, missing = [], []
+        for name in names:
+            found = sorted(globlib.glob(name)) if any(ch in name for ch in "*?[") else ([name] if Path(name).is_file() else [])
+            (files.extend(found) if found else missing.append(name))
+        if missing:
+            raise FileNotFoundError(f"{source!r}: {len(missing)} of {len(names)} shards do not exist "
+                                    f"(first: {missing[:3]})")
+        return files
     if any(ch in source for ch in "*?["):
-        return sorted(globlib.glob(source))
-    path = Path(source)
-    if path.is_file() and path.suffix == ".tar":
+        files = sorted(f for f in globlib.glob(source) if Path(f).is_file())
+        if not files:
+            raise FileNotFoundError(f"the pattern {source!r} matches no file")
+        return files
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() in SHARD_BUILDERS:
         return [str(path)]
-    if path.is_dir():
-        return sorted(str(p) for p in path.glob("*.tar"))
+    if path.is_dir() and _folder_kind(path) == "shards":
+        return _folder_shards(path)
     return []
+
+
+def _folder_shards(path: Path) -> list[str]:
+    """The shard files of a folder: all ``.tar`` files, else all ``.parquet``, else all ``.jsonl``."""
+    for suffix in (".tar", ".parquet", ".jsonl"):
+        files = sorted(str(p) for p in path.glob(f"*{suffix}"))
+        if files:
+            return files
+    return []
+
+
+def shard_builder(files: Sequence[str], source: str) -> str:
+    """The one ``datasets`` builder that reads all ``files``; ValueError for mixed or unknown types."""
+    suffixes = sorted({Path(f).suffix.lower() for f in files})
+    builders = {SHARD_BUILDERS.get(s) for s in suffixes}
+    if None in builders:
+        raise ValueError(f"{source}: unsupported file type {suffixes}; expected one of {sorted(SHARD_BUILDERS)}")
+    if len(builders) > 1:
+        raise ValueError(f"{source}: the shards mix file types {suffixes}; use one format per source")
+    return builders.pop()
 
 
 def _is_offline() -> bool:
@@ -316,14 +374,19 @@ def load_image_text_dataset(
     text_column: str | None = None,
     split: str = "train",
     streaming: bool | None = None,
+    config_name: str | None = None,
+    revision: str | None = None,
 ):
     """Open ``source`` (see module doc) as an ``ImageTextDataset`` (map-style) or, for streams,
     an ``ImageTextIterableDataset``. Both carry ``.stats`` (a ``DataStats``).
 
-    ``streaming=None`` means: stream webdataset shards, read everything else map-style.
-    Columns are auto-detected when not given (image: image/jpg/png/jpeg/webp; text:
-    text/caption/txt/captions). Raises ``ValueError``/``FileNotFoundError`` naming the problem for
-    a missing or empty path, missing columns, an unknown ``embedded:`` split, or a Hub name offline.
+    ``streaming=None`` means: stream webdataset and parquet shards and Hub data sets, read
+    everything else map-style. ``config_name`` and ``revision`` select a Hub data set's
+    configuration and commit/branch/tag. Columns are auto-detected when not given (image:
+    image/jpg/png/jpeg/webp; text: text/caption/txt/captions). Raises ``ValueError`` /
+    ``FileNotFoundError`` naming the problem for a missing or empty path, a missing shard of a
+    brace range, a glob matching nothing, missing columns, an unknown ``embedded:`` split, or a Hub
+    name offline.
     """
     import datasets
 
@@ -334,36 +397,35 @@ def load_image_text_dataset(
     if source == "embedded" or source.startswith("embedded:"):
         source = str(_load_embedded(source))
 
-    tars = _tar_files(source)
-    if any(ch in source for ch in "*?[") and not tars:
-        raise FileNotFoundError(f"the pattern {source!r} matches no .tar shard")
+    files = expand_shards(source)
     path = Path(source).expanduser()
 
-    if tars and not (path.is_dir() and _folder_kind(path) != "webdataset"):
-        if streaming is False:
-            ds = datasets.load_dataset("webdataset", data_files={split: tars}, split=split)
-        else:
-            ds = datasets.load_dataset("webdataset", data_files={split: tars}, split=split, streaming=True)
+    if files:
+        builder = shard_builder(files, source)
+        stream = builder in STREAMED_BY_DEFAULT if streaming is None else bool(streaming)
+        if len(files) == 1 and Path(files[0]).stat().st_size == 0:
+            raise ValueError(f"{files[0]} is empty")
+        options = {"sep": "\t"} if files[0].lower().endswith(".tsv") else {}
+        ds = datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=stream, **options)
+        if builder in ("csv", "json"):  # image paths in a table are relative to the table's folder
+            base = Path(files[0]).parent
+            if stream:
+                return _wrap(ds.map(_absolute_paths(base, image_column)), image_column, text_column)
+            return _wrap(ds, image_column, text_column, base_dir=base)
         return _wrap(ds, image_column, text_column)
 
     if path.is_file():
         if path.stat().st_size == 0:
             raise ValueError(f"{path} is empty")
-        if path.suffix.lower() in (".csv", ".tsv"):
-            ds = datasets.load_dataset("csv", data_files={split: str(path)}, split=split,
-                                       streaming=bool(streaming),
-                                       **({"sep": "\t"} if path.suffix.lower() == ".tsv" else {}))
-            if streaming:
-                return _wrap(ds.map(_absolute_paths(path.parent, image_column)), image_column, text_column)
-            return _wrap(ds, image_column, text_column, base_dir=path.parent)
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .csv, .tsv or .tar")
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected one of {sorted(SHARD_BUILDERS)}")
 
     if path.is_dir():
         kind = _folder_kind(path)
         if kind == "saved":
             obj = _select_split(datasets.load_from_disk(str(path)), split, source)
             if streaming:
-                obj = obj.to_iterable_dataset()
+                # Enough shards for split_dataset_by_node to give each process whole shards.
+                obj = obj.to_iterable_dataset(num_shards=max(1, min(len(obj), SAVED_STREAM_SHARDS)))
             return _wrap(obj, image_column, text_column)
         if kind == "imagefolder":
             ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=bool(streaming))
@@ -372,7 +434,7 @@ def load_image_text_dataset(
             raise ValueError(f"{path} is an empty folder")
         raise ValueError(
             f"{path} is not a data set: expected metadata.jsonl or metadata.csv (imagefolder), "
-            ".tar shards (webdataset), or a save_to_disk folder; found "
+            ".tar/.parquet/.jsonl shards, or a save_to_disk folder; found "
             f"{sorted(p.name for p in path.iterdir())[:10]}"
         )
 
@@ -383,7 +445,8 @@ def load_image_text_dataset(
             f"{source!r} is not a local path, and the Hub cannot be reached offline "
             "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set); give a local folder, CSV or .tar shards"
         )
-    ds = datasets.load_dataset(source, split=split, streaming=bool(streaming))
+    ds = datasets.load_dataset(source, config_name, split=split, revision=revision,
+                               streaming=True if streaming is None else bool(streaming))
     return _wrap(ds, image_column, text_column)
 
 
@@ -398,13 +461,13 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _folder_kind(path: Path) -> str:
-    """What a folder holds: 'saved', 'imagefolder', 'webdataset' or 'unknown'."""
+    """What a folder holds: 'saved', 'imagefolder', 'shards' (.tar/.parquet/.jsonl files) or 'unknown'."""
     if any((path / m).is_file() for m in _SAVED_MARKERS):
         return "saved"
     if (path / "metadata.jsonl").is_file() or (path / "metadata.csv").is_file():
         return "imagefolder"
-    if any(path.glob("*.tar")):
-        return "webdataset"
+    if _folder_shards(path):
+        return "shards"
     return "unknown"
 
 
@@ -428,7 +491,8 @@ class ImageTextCollator:
     """Batch samples for the model: drop ``None`` items, augment, and call the processor.
 
     ``processor(text=[...], images=[...], return_tensors="pt", padding=True, truncation=True)`` is
-    called on the surviving samples. ``image_transform(image, allow_flip=...)`` and
+    called on the surviving samples; samples with a ``"key"`` add ``"sample_keys"`` (a list) to the
+    batch. ``image_transform(image, allow_flip=...)`` and
     ``text_transform(sample) -> str`` are optional (see ``augment.py``). Returns ``None`` when every
     sample of the batch was damaged: the training loop should skip that step.
     """
@@ -478,4 +542,7 @@ class ImageTextCollator:
                 image = self.image_transform(image, allow_flip=flip_allowed(s["captions"]))
             texts.append(text)
             images.append(image)
-        return self.processor(text=texts, images=images, return_tensors="pt", padding=True, truncation=True)
+        batch = self.processor(text=texts, images=images, return_tensors="pt", padding=True, truncation=True)
+        if all("key" in s for s in good):  # streams name their samples: the loop can tell which it trained on
+            batch["sample_keys"] = [s["key"] for s in good]
+        return batch

@@ -70,9 +70,10 @@ class DataStats:
         """Number of samples skipped for any damage kind."""
         return self.as_dict()["skipped"]
 
-    def summary(self) -> str:
-        """A one-line human report, e.g. ``data: 998 ok, 2 skipped (truncated: 1, empty_caption: 1)``."""
-        d = self.as_dict()
+    def summary(self, counts: dict[str, int] | None = None) -> str:
+        """A one-line human report, e.g. ``data: 998 ok, 2 skipped (truncated: 1, empty_caption: 1)``,
+        of these counters or of ``counts`` (an ``as_dict()``, e.g. summed over processes)."""
+        d = self.as_dict() if counts is None else counts
         parts = [f"{k}: {d[k]}" for k in DAMAGE_KINDS if d[k]]
         text = f"data: {d['ok']} ok, {d['skipped']} skipped"
         if parts:

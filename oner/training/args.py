@@ -55,7 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--train_data", default="embedded",
-                   help="'embedded' (Twemoji pairs), an imagefolder (metadata.jsonl/csv), a .csv, .tar shards or a save_to_disk folder")
+                   help="'embedded' (Twemoji pairs), an imagefolder (metadata.jsonl/csv), a save_to_disk folder, data files "
+                   "(.tar webdataset, .parquet, .jsonl, .csv: one file, a glob, a brace range '/data/{00000..00331}.tar' "
+                   "or a folder of them) or a Hub data set id")
+    g.add_argument("--dataset_config_name", default=None, help="configuration of a Hub data set")
+    g.add_argument("--dataset_revision", default=None, help="commit, branch or tag of a Hub data set")
+    _flag(g, "--streaming", None, "read the data as a stream, without converting it first. Unset: streams .tar and "
+          ".parquet shards and Hub data sets, reads the rest map-style")
+    g.add_argument("--shuffle_buffer", type=int, default=1000,
+                   help="rows in a stream's shuffle buffer, per process and loader worker (kept in checkpoints)")
     g.add_argument("--image_column", default=None, help="image column (auto-detected when omitted)")
     g.add_argument("--text_column", default=None, help="caption column (auto-detected when omitted)")
     g.add_argument("--max_train_samples", type=int, default=None, help="use only the first N pairs")
@@ -227,6 +235,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             parser.error(f"--push_to_hub: {e}")
     if args.num_threads is not None and args.num_threads < 1:
         parser.error("--num_threads must be >= 1")
+    if args.shuffle_buffer < 1:
+        parser.error("--shuffle_buffer must be >= 1")
     if args.dataloader_num_workers < 0:
         parser.error("--dataloader_num_workers must be >= 0")
     try:

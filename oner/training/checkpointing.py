@@ -96,11 +96,28 @@ def check_checkpoint(path: Path) -> dict:
     return state
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, extra: dict, limit: int) -> Path:
+def process_state_file(process_index: int) -> str:
+    return f"process_state_{process_index}.pt"
+
+
+def load_process_state(checkpoint: Path, process_index: int) -> dict:
+    """What `save_checkpoint(..., process_state=...)` wrote for this process (a stream's position)."""
+    file = Path(checkpoint) / process_state_file(process_index)
+    if not file.is_file():
+        raise ValueError(f"{checkpoint} holds no stream position for process {process_index}")
+    import torch
+
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, extra: dict, limit: int,
+                    process_state: dict | None = None) -> Path:
     """Save the whole training state for `step`; keep the newest `limit` checkpoints.
 
-    Every process must call this (accelerate writes one RNG file per process). The folder appears
-    under its final name only once complete: saved as `.tmp-checkpoint-<step>`, then renamed.
+    Every process must call this (accelerate writes one RNG file per process). `process_state` is
+    this process's own state beyond accelerate's (a stream's position: each process reads its own
+    part), written by each process as `process_state_<index>.pt`. The folder appears under its
+    final name only once complete: saved as `.tmp-checkpoint-<step>`, then renamed.
     """
     root = checkpoints_dir(output_dir)
     tmp = root / f".tmp-checkpoint-{step}"
@@ -110,10 +127,14 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, extra: dict,
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if process_state is not None:
+        import torch
+
+        torch.save(process_state, tmp / process_state_file(accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        state = {"step": step, "files": files, **extra}
+        state = {"step": step, "files": files, "process_states": process_state is not None, **extra}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, default=str) + "\n")
         with open(tmp / STATE_FILE) as f:
             os.fsync(f.fileno())

@@ -1,4 +1,5 @@
-"""Training-side data adapter around `oner.data`: per-sample seeded augmentation and an epoch sampler.
+"""Training-side data adapter around `oner.data`: per-sample seeded augmentation, an epoch sampler
+for map-style data, and `StreamingPairs` for shards streamed without conversion.
 
 Why not hand `ImageAugment`/`TextAugment` to the collator directly: their random generators would
 advance inside DataLoader workers (copies) and be skipped over by `skip_first_batches`, so a
@@ -8,12 +9,14 @@ resumed run would see different augmentations. Here each sample's randomness is 
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
 import torch
 
 from oner.data import ImageAugment, ImageTextCollator, TextAugment, flip_allowed, load_image_text_dataset
+from oner.data.pairs import DamagedSample, make_sample
 
 
 # Decoded samples kept in memory, per loading process, up to this many bytes of pixels: the embedded
@@ -110,42 +113,59 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
-def open_train_data(args, seed: int, image_size: int):
-    """`load_image_text_dataset(args.train_data)` wrapped with augmentation, or a clear error.
+def open_train_data(args, seed: int, image_size: int, rank: int = 0, world_size: int = 1):
+    """`--train_data` opened for training: `AugmentedPairs` (map-style) or this process's part of a
+    stream (`StreamingPairs`), or a clear error.
 
-    Raises `ValueError`/`FileNotFoundError` (from `oner.data`) for a missing or empty path or a
-    missing column, and `ValueError` for a streaming source (not supported by this loop yet) or a
-    data set with no pairs.
+    Raises `ValueError`/`FileNotFoundError` (from `oner.data`) for a missing or empty path, a missing
+    shard, a glob matching nothing, a missing column or an unreachable Hub data set, and
+    `ValueError` for a map-style data set with no pairs.
     """
-    dataset = load_image_text_dataset(
-        args.train_data, image_column=args.image_column, text_column=args.text_column, streaming=False
+    source = load_image_text_dataset(
+        args.train_data, image_column=args.image_column, text_column=args.text_column, streaming=args.streaming,
+        config_name=args.dataset_config_name, revision=args.dataset_revision,
     )
-    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-        raise ValueError(
-            f"{args.train_data} opened as a stream; the training loop needs map-style data "
-            "(a folder with metadata.jsonl/csv, a .csv, a save_to_disk folder or .tar shards read map-style)"
-        )
-    if len(dataset) == 0:
-        raise ValueError(f"{args.train_data} holds no image-text pairs")
-    if args.train_filter:
-        dataset = filter_rows(dataset, args.train_filter, args.train_data)
     image_augment = ImageAugment(size=image_size, seed=seed) if args.image_augment else None
     text_augment = (
         TextAugment(alias_choice=True, whole_word_mask_p=args.caption_mask_probability, seed=seed)
         if args.text_augment
         else None
     )
-    return AugmentedPairs(dataset, image_augment, text_augment, seed=seed, limit=args.max_train_samples)
+    if isinstance(source, torch.utils.data.IterableDataset):
+        return open_stream(source, args, seed, image_augment, text_augment, rank, world_size)
+    if len(source) == 0:
+        raise ValueError(f"{args.train_data} holds no image-text pairs")
+    if args.train_filter:
+        source = filter_rows(source, args.train_filter, args.train_data)
+    return AugmentedPairs(source, image_augment, text_augment, seed=seed, limit=args.max_train_samples)
+
+
+def open_stream(source, args, seed, image_augment, text_augment, rank: int, world_size: int) -> StreamingPairs:
+    """Shuffle the shard order per epoch, filter and cap the rows, and split them between processes."""
+    from datasets.distributed import split_dataset_by_node
+
+    stream = source.hf_dataset
+    # buffer_size=1: datasets shuffles the SHARD order (anew per epoch) and nothing else; rows are
+    # shuffled by StreamingPairs' buffer, whose content a checkpoint keeps.
+    stream = stream.shuffle(seed=seed, buffer_size=1)
+    if args.train_filter:
+        column, value = parse_filter(args.train_filter)
+        columns = list(stream.column_names or [])
+        if columns and column not in columns:
+            raise ValueError(f"--train_filter {args.train_filter!r}: {args.train_data} has no column {column!r}; "
+                             f"columns: {columns}")
+        stream = stream.filter(lambda row: str(row[column]).lower() == value)
+    if args.max_train_samples:
+        stream = stream.take(args.max_train_samples)
+    source.hf_dataset = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+    return StreamingPairs(source, image_augment, text_augment, seed=seed, buffer_size=args.shuffle_buffer, rank=rank)
 
 
 def filter_rows(dataset, spec: str, source: str):
     """Keep the rows whose metadata column equals a value: `"skin_tone=false"` (case-insensitive
     string comparison, so booleans and numbers work as written). Raises ValueError naming the column
     when it is missing and when no row is left."""
-    column, sep, value = spec.partition("=")
-    column, value = column.strip(), value.strip().lower()
-    if not sep or not column:
-        raise ValueError(f"--train_filter {spec!r}: expected column=value, e.g. skin_tone=false")
+    column, value = parse_filter(spec)
     table = dataset.hf_dataset
     if column not in table.column_names:
         raise ValueError(f"--train_filter {spec!r}: {source} has no column {column!r}; columns: {table.column_names}")
@@ -154,6 +174,33 @@ def filter_rows(dataset, spec: str, source: str):
         raise ValueError(f"--train_filter {spec!r}: no row of {source} has {column} = {value!r}")
     dataset.hf_dataset = table.select(keep)
     return dataset
+
+
+def parse_filter(spec: str) -> tuple[str, str]:
+    """`"skin_tone=false"` -> `("skin_tone", "false")`; ValueError for anything else."""
+    column, sep, value = spec.partition("=")
+    column, value = column.strip(), value.strip().lower()
+    if not sep or not column:
+        raise ValueError(f"--train_filter {spec!r}: expected column=value, e.g. skin_tone=false")
+    return column, value
+
+
+def make_stream_loader(dataset: StreamingPairs, processor, batch_size: int, num_workers: int):
+    """A torchdata `StatefulDataLoader` over a stream: its `state_dict()` (the stream's position in
+    every worker) goes into each checkpoint, so a resumed run continues exactly where it stopped."""
+    import warnings
+
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, which torch now calls deprecated
+        warnings.filterwarnings("ignore", message=".*set_vital.*")
+        return StatefulDataLoader(
+            dataset,
+            batch_size=batch_size,
+            collate_fn=ImageTextCollator(processor, stats=dataset.stats),
+            drop_last=True,  # equal shapes on every rank; a rank's last partial batch waits for no one
+            num_workers=num_workers,
+        )
 
 
 def make_dataloader(dataset: AugmentedPairs, processor, batch_size: int, seed: int, num_workers: int):
@@ -169,3 +216,112 @@ def make_dataloader(dataset: AugmentedPairs, processor, batch_size: int, seed: i
         num_workers=num_workers,
         persistent_workers=False,  # workers are re-forked each epoch and see the new epoch number
     ), sampler
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams: shards read in order, never converted or copied
+# ---------------------------------------------------------------------------------------------
+
+KEY_COLUMNS = ("__key__", "key", "id", "uid")  # a sample's own name, when the source has one
+
+
+class StreamingPairs(torch.utils.data.IterableDataset):
+    """This process's part of a streamed data set: shuffled through a buffer, decoded, augmented.
+
+    The stream (`datasets.IterableDataset`, rows still undecoded) arrives already split between
+    processes (`split_dataset_by_node`: whole shards per process when their number divides the
+    process count, else every n-th row) and with its shard order shuffled per epoch. Rows pass
+    through a shuffle buffer of `buffer_size` rows, then are decoded; damaged ones are counted in
+    `stats` and skipped, as for map-style data. Each sample's augmentation is drawn from
+    `(seed, epoch, its key)`, so it does not depend on the number of processes or loader workers.
+
+    Exact resume: `state_dict()` is the stream's own position (`datasets`' `state_dict()`), the
+    rows in the buffer and the buffer's random state, taken between batches. `datasets`' own
+    shuffle buffer is not saved with its position (a resume would drop the rows in it), which
+    is why the buffer lives here. With loader workers, torchdata's `StatefulDataLoader` keeps one
+    such state per worker.
+    """
+
+    def __init__(self, source, image_augment: ImageAugment | None, text_augment: TextAugment | None,
+                 seed: int = 0, buffer_size: int = 1000, rank: int = 0):
+        self.source = source  # an oner.data ImageTextIterableDataset: columns, stats, hf_dataset
+        self.image_augment = image_augment
+        self.text_augment = text_augment
+        self.seed, self.rank = int(seed), int(rank)
+        self.buffer_size = max(int(buffer_size), 1)
+        self.epoch = 0
+        self._buffer: list[dict] = []
+        self._rng: np.random.Generator | None = None
+        self._restored: dict | None = None  # a state to continue from at the next __iter__
+
+    @property
+    def stats(self):
+        return self.source.stats
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def state_dict(self) -> dict:
+        if self._rng is None:  # not started, or restored and not yet resumed
+            return dict(self._restored) if self._restored else {"epoch": self.epoch}
+        return {"epoch": self.epoch, "stream": self.source.hf_dataset.state_dict(),
+                "buffer": list(self._buffer), "rng": self._rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self._restored = state if "stream" in state else None
+
+    def __iter__(self):
+        stream = self.source.hf_dataset
+        stream.set_epoch(self.epoch)  # a new shard order per epoch
+        worker = torch.utils.data.get_worker_info()
+        self._rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker.id if worker else 0])
+        self._buffer = []
+        if self._restored is not None:
+            stream.load_state_dict(self._restored["stream"])
+            self._buffer = list(self._restored["buffer"])
+            self._rng.bit_generator.state = self._restored["rng"]
+            self._restored = None
+        for row in stream:
+            if len(self._buffer) < self.buffer_size:
+                self._buffer.append(row)
+                continue
+            index = int(self._rng.integers(len(self._buffer)))
+            row, self._buffer[index] = self._buffer[index], row
+            sample = self._sample(row)
+            if sample is not None:
+                yield sample
+        while self._buffer:  # the stream is done: empty the buffer in random order
+            row = self._buffer.pop(int(self._rng.integers(len(self._buffer))))
+            sample = self._sample(row)
+            if sample is not None:
+                yield sample
+
+    def _sample(self, row: dict) -> dict | None:
+        """Decode and augment one row; None (counted in `stats`) when it is damaged."""
+        try:
+            sample = make_sample(row, self.source.image_column, self.source.text_column)
+        except DamagedSample as e:
+            self.stats.record(e.kind)
+            return None
+        self.stats.record("ok")
+        key = sample_key(row, self.source.text_column)
+        rng = np.random.default_rng([self.seed, self.epoch, _key_number(key)])
+        image, text = sample["image"], sample["text"]
+        if self.image_augment is not None:
+            image = self.image_augment(image, allow_flip=flip_allowed(sample["captions"]), rng=rng)
+        if self.text_augment is not None:
+            text = self.text_augment(sample, rng=rng)
+        return {"image": image, "text": text, "captions": [text], "key": key}
+
+
+def sample_key(row: dict, text_column: str) -> str:
+    """A row's name: its key column (webdataset's `__key__`, or key/id/uid), else its caption."""
+    for column in KEY_COLUMNS:
+        if row.get(column) is not None:
+            return str(row[column])
+    return str(row.get(text_column))
+
+
+def _key_number(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, broadcast, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast, send_to_device, set_seed
 from tqdm.auto import tqdm
 
 from oner.losses import clamp_logit_scale_
 from oner.objectives import EMATarget, Objective, ObjectiveConfig, OneRPretrainer, subword_table, whole_word_mask
 
 from .args import parse_args
-from .checkpointing import TrainState, check_checkpoint, list_checkpoints, resolve_resume, save_checkpoint
-from .data import make_dataloader, open_train_data
+from .checkpointing import (TrainState, check_checkpoint, list_checkpoints, load_process_state, resolve_resume,
+                            save_checkpoint)
+from .data import StreamingPairs, make_dataloader, make_stream_loader, open_train_data
 from .runtime import choose_attn_implementation, choose_mixed_precision, configure_threads
 from .step import forward_backward
 from .tracking import PLOT_NAME, TrainingLog, format_eta, plot_loss_curve
@@ -190,10 +191,14 @@ def planned_steps(args, batches_per_epoch: int) -> int:
     return 0
 
 
-def check_resume_compatible(args, checkpoint: Path) -> None:
-    saved = check_checkpoint(checkpoint).get("args", {})
+def check_resume_compatible(args, checkpoint: Path, num_processes: int) -> None:
+    state = check_checkpoint(checkpoint)
+    saved = state.get("args", {})
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(args, k)!r}" for k in RESUME_MUST_MATCH
              if k in saved and saved[k] != getattr(args, k)]
+    if state.get("process_states") and state.get("num_processes") != num_processes:
+        # Each process's part of a stream is its own: a different process count would read other shards.
+        diffs.append(f"processes reading the stream: checkpoint {state.get('num_processes')}, now {num_processes}")
     if diffs:
         raise UserError(f"cannot resume from {checkpoint}: settings differ ({'; '.join(diffs)})")
 
@@ -212,20 +217,28 @@ def train(args) -> int:
     # ---- validate every input BEFORE anything is written
     pretrainer, model, processor, config = build_model(args)
     try:
-        dataset = open_train_data(args, seed=args.seed, image_size=config.image_size)
+        dataset = open_train_data(args, seed=args.seed, image_size=config.image_size,
+                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
     if resume is not None:
-        check_resume_compatible(args, resume)
-    dataloader, sampler = make_dataloader(
-        dataset, processor, args.per_device_batch_size, seed=args.seed, num_workers=args.dataloader_num_workers
-    )
-    if len(dataloader) < accelerator.num_processes * args.accum_freq:
-        raise UserError(
-            f"{args.train_data}: {len(dataset)} pairs make fewer than one step of "
-            f"{accelerator.num_processes * args.accum_freq * args.per_device_batch_size} pairs; lower --per_device_batch_size"
+        check_resume_compatible(args, resume, accelerator.num_processes)
+    streamed = isinstance(dataset, StreamingPairs)
+    if streamed:
+        if args.num_train_epochs and not args.max_steps:
+            raise UserError("--num_train_epochs on a stream: its length is unknown until it ends, so give "
+                            "--max_steps too (the schedule's length; the epochs still bound the run)")
+        dataloader = make_stream_loader(dataset, processor, args.per_device_batch_size, args.dataloader_num_workers)
+    else:
+        dataloader, _ = make_dataloader(
+            dataset, processor, args.per_device_batch_size, seed=args.seed, num_workers=args.dataloader_num_workers
         )
+        if len(dataloader) < accelerator.num_processes * args.accum_freq:
+            raise UserError(
+                f"{args.train_data}: {len(dataset)} pairs make fewer than one step of "
+                f"{accelerator.num_processes * args.accum_freq * args.per_device_batch_size} pairs; lower --per_device_batch_size"
+            )
 
     output_dir = Path(args.output_dir)
     if is_main:
@@ -244,9 +257,13 @@ def train(args) -> int:
     state = TrainState()
     optimizer = make_optimizer(pretrainer, args)
     scheduler = make_scheduler(optimizer, args, state)
-    pretrainer, optimizer, dataloader, scheduler = accelerator.prepare(pretrainer, optimizer, dataloader, scheduler)
+    if streamed:  # already split between processes (split_dataset_by_node): accelerate must not shard it again
+        pretrainer, optimizer, scheduler = accelerator.prepare(pretrainer, optimizer, scheduler)
+        batches_per_epoch = None
+    else:
+        pretrainer, optimizer, dataloader, scheduler = accelerator.prepare(pretrainer, optimizer, dataloader, scheduler)
+        batches_per_epoch = len(dataloader)
     accelerator.register_for_checkpointing(state)
-    batches_per_epoch = len(dataloader)
     state.total_steps = planned_steps(args, batches_per_epoch)
     ema = None
     if args.architecture == "oner" and args.momentum > 0:
@@ -262,6 +279,8 @@ def train(args) -> int:
             accelerator.load_state(str(resume))
         except Exception as e:  # a damaged file: torch/safetensors/pickle errors of many kinds
             raise UserError(f"cannot resume from {resume}: damaged checkpoint ({type(e).__name__}: {e})") from None
+        if streamed:
+            dataloader.load_state_dict(load_process_state(resume, accelerator.process_index))
         accelerator.print(f"resumed from {resume} at step {state.step} ({state.batches_seen} batches seen)")
 
     log = TrainingLog(output_dir, state.step if resume is not None else None, enabled=is_main)
@@ -275,8 +294,8 @@ def train(args) -> int:
     global_batch = args.per_device_batch_size * args.accum_freq * accelerator.num_processes
     n_params = sum(p.numel() for p in model.parameters())
     accelerator.print(
-        f"training {args.architecture} ({args.preset}, {n_params / 1e6:.1f}M parameters) on {len(dataset)} pairs "
-        f"from {args.train_data}; {accelerator.num_processes} process(es), {global_batch} pairs per step, "
+        f"training {args.architecture} ({args.preset}, {n_params / 1e6:.1f}M parameters) on "
+        f"{'a stream of pairs' if streamed else f'{len(dataset)} pairs'} from {args.train_data}; {accelerator.num_processes} process(es), {global_batch} pairs per step, "
         f"objective {args.objective}"
     )
     accelerator.print(f"compute: {accelerator.device}, {threads} torch thread(s) per process ({threads_reason}); "
@@ -287,19 +306,27 @@ def train(args) -> int:
                dynamic_ncols=True)
     start, start_seconds, start_step = time.monotonic(), state.train_seconds, state.step
     data_timing = {"seconds": 0.0, "pairs": 0}
-    epoch, skip = divmod(state.batches_seen, batches_per_epoch)
+    if streamed:  # the stream's own state holds its position; the epoch is in the checkpoint
+        epoch, skip = (check_checkpoint(resume)["epoch"] if resume is not None else 0), 0
+    else:
+        epoch, skip = divmod(state.batches_seen, batches_per_epoch)
     pending: list[dict] = []
     stop_reason, timer = None, None
     pretrainer.train()
     while stop_reason is None:
         dataset.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-        loader.set_epoch(epoch)
+        if streamed:
+            loader = batches_while_all_have_one(dataloader, accelerator)
+        else:
+            loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+            loader.set_epoch(epoch)
+        epoch_batches = 0
         for batch in timed(loader, data_timing, args.per_device_batch_size):
             state.batches_seen += 1
+            epoch_batches += 1
             if batch is None:  # every sample of the micro-batch was damaged
                 continue
-            batch = dict(batch)
+            batch = dict(batch) if not streamed else send_to_device(dict(batch), accelerator.device)
             if mlm:
                 batch["mlm_input_ids"], batch["mlm_labels"] = whole_word_mask(
                     batch["input_ids"], batch["attention_mask"], subwords, config.mask_token_id, args.mlm_probability
@@ -339,7 +366,7 @@ def train(args) -> int:
             bar.update(1)
 
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
-                checkpoint(accelerator, pretrainer, args, state, epoch)
+                checkpoint(accelerator, pretrainer, args, state, epoch, dataloader if streamed else None)
             if state.total_steps and state.step >= state.total_steps:
                 stop_reason = "steps"
                 break
@@ -347,7 +374,12 @@ def train(args) -> int:
                 stop_reason = "time"
                 break
         else:
+            if streamed and epoch_batches == 0:
+                raise UserError(f"{args.train_data}: an epoch of the stream gave process {accelerator.process_index} "
+                                f"no full batch of {args.per_device_batch_size} pairs ({dataset.stats.summary()})")
             epoch, skip = epoch + 1, 0
+            if streamed and args.num_train_epochs and epoch >= args.num_train_epochs:
+                stop_reason = "epochs"
     bar.close()
 
     if stop_reason == "nonfinite":
@@ -359,12 +391,23 @@ def train(args) -> int:
         )
         return 3
     if args.checkpointing_steps and state.step % args.checkpointing_steps != 0:
-        checkpoint(accelerator, pretrainer, args, state, epoch)
+        checkpoint(accelerator, pretrainer, args, state, epoch, dataloader if streamed else None)
+    data_stats = data_stats_of_all_processes(accelerator, dataset.stats)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if not is_main:
         return 0
-    return finish(accelerator.unwrap_model(pretrainer).model, processor, args, state, dataset, log, global_batch)
+    return finish(accelerator.unwrap_model(pretrainer).model, processor, args, state, dataset, log, global_batch,
+                  data_stats)
+
+
+def data_stats_of_all_processes(accelerator, stats) -> dict[str, int]:
+    """The data counters (good and damaged samples by kind) summed over processes: each read its own part."""
+    local = stats.as_dict()
+    if accelerator.num_processes == 1:
+        return local
+    totals = accelerator.reduce(torch.tensor(list(local.values()), device=accelerator.device), reduction="sum")
+    return dict(zip(local, (int(v) for v in totals.tolist())))
 
 
 def synced_elapsed(accelerator, start: float) -> float:
@@ -375,6 +418,28 @@ def synced_elapsed(accelerator, start: float) -> float:
         return elapsed
     value = torch.tensor([elapsed], dtype=torch.float64, device=accelerator.device)
     return float(broadcast(value, from_process=0).item())
+
+
+def batches_while_all_have_one(loader, accelerator):
+    """A stream's batches for as long as EVERY process has one: the parts of a stream differ in length
+    (damaged samples, uneven shards), and a process stepping alone would wait forever for the others'
+    gradients. A process that still had a batch at the end says how many pairs it left for the epoch."""
+    iterator = iter(loader)
+    end = object()
+    while True:
+        batch = next(iterator, end)
+        if accelerator.num_processes > 1:
+            have = torch.tensor([float(batch is not end)], device=accelerator.device)
+            if accelerator.reduce(have, reduction="sum").item() < accelerator.num_processes:
+                if batch is not end:
+                    left = (batch["input_ids"].shape[0] if batch is not None else 0) + sum(
+                        b["input_ids"].shape[0] for b in iterator if b is not None)
+                    print(f"process {accelerator.process_index}: {left} pairs of this epoch left unused: "
+                          "another process's part of the stream ended first")
+                return
+        if batch is end:
+            return
+        yield batch
 
 
 def timed(loader, timing: dict, batch_size: int):
@@ -441,14 +506,16 @@ def log_step(accelerator, log, state, loss, parts, grad_norm, scheduler, pretrai
     return record
 
 
-def checkpoint(accelerator, pretrainer, args, state, epoch) -> None:
+def checkpoint(accelerator, pretrainer, args, state, epoch, stream_loader=None) -> None:
+    """A resumable checkpoint; a stream's loader adds its position on every process."""
     model = accelerator.unwrap_model(pretrainer)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         # Never reached (non-finite steps are skipped), but a NaN must never be checkpointed.
         raise RuntimeError("refusing to checkpoint non-finite weights")
-    extra = {"epoch": epoch, "batches_seen": state.batches_seen,
+    extra = {"epoch": epoch, "batches_seen": state.batches_seen, "num_processes": accelerator.num_processes,
              "args": {k: getattr(args, k) for k in RESUME_MUST_MATCH}}
-    path = save_checkpoint(accelerator, args.output_dir, state.step, extra, args.checkpoints_total_limit)
+    path = save_checkpoint(accelerator, args.output_dir, state.step, extra, args.checkpoints_total_limit,
+                           process_state=stream_loader.state_dict() if stream_loader is not None else None)
     accelerator.print(f"checkpoint saved: {path}")
 
 
@@ -457,7 +524,7 @@ def checkpoint(accelerator, pretrainer, args, state, epoch) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def finish(model, processor, args, state, dataset, log, global_batch: int) -> int:
+def finish(model, processor, args, state, dataset, log, global_batch: int, data_stats: dict) -> int:
     output_dir = Path(args.output_dir)
     model = model.float().eval()
     if args.architecture == "clip":
@@ -482,7 +549,8 @@ def finish(model, processor, args, state, dataset, log, global_batch: int) -> in
         "pooling": getattr(model.config, "pooling", None),
         "pairwise_loss": args.pairwise_loss,
         "train_data": args.train_data,
-        "pairs": len(dataset),
+        "pairs": None if isinstance(dataset, StreamingPairs) else len(dataset),
+        "streamed": isinstance(dataset, StreamingPairs) or None,
         "steps": state.step,
         "skipped_steps": state.skipped_steps,
         "train_minutes": round(state.train_seconds / 60, 2),
@@ -494,11 +562,11 @@ def finish(model, processor, args, state, dataset, log, global_batch: int) -> in
         "attn_implementation": args.attn_implementation,
         "seed": args.seed,
         "final_loss": last.get("loss"),
-        "data_stats": dataset.stats.as_dict(),
+        "data_stats": data_stats,
     }
     training = {k: v for k, v in training.items() if v is not None}
     (output_dir / "training_summary.json").write_text(json.dumps(training, indent=2) + "\n")
-    print(f"{dataset.stats.summary()}")
+    print(dataset.stats.summary(data_stats))
     print(f"trained {state.step} steps in {training['train_minutes']} min; final loss {training.get('final_loss')}")
     if plot:
         print(f"loss curve: {plot}")

@@ -69,6 +69,8 @@ def forward_backward(
     Returns:
         `(loss, parts)`: the detached total loss of the whole step and each term's value.
     """
+    # Model inputs only: a streamed batch also names its samples ("sample_keys").
+    micro_batches = [{k: v for k, v in b.items() if k != "sample_keys"} for b in micro_batches]
     if len(micro_batches) == 1:
         batch = micro_batches[0]
         features = model(**batch)
