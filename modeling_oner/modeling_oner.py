@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
+from transformers import __version__ as TRANSFORMERS_VERSION
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
@@ -32,6 +33,12 @@ from .configuration_oner import OneRConfig
 
 # Modality ids of the joint sequence's parts (0 is the shared [CLS]); used to build the CIC attention mask.
 CLS_MODALITY, IMAGE_MODALITY, TEXT_MODALITY = 0, 1, 2
+
+# transformers 5 changed `CLIPModel.get_image_features` / `get_text_features` to return a
+# `BaseModelOutputWithPooling` whose `pooler_output` is the projected embedding; 4.x returned that
+# tensor. OneR's `get_*_features` follow the INSTALLED version, so code written for CLIP runs unchanged
+# on OneR. Decided once, here, from the version string ("5.0.0.dev0" counts as 5).
+FEATURES_AS_OUTPUT = int(TRANSFORMERS_VERSION.split(".")[0]) >= 5
 
 
 @dataclass
@@ -508,12 +515,66 @@ class OneRModel(OneRPreTrainedModel):
         return self.head(hidden_states)
 
     # ------------------------------------------------------------------ embeddings in the shared space
+    def embed(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cross_modal_attention: bool = False,
+        interpolate_pos_encoding: bool = False,
+    ) -> torch.Tensor:
+        """Projected, NOT normalised embeddings `(batch, projection_dim)` as a plain tensor.
+
+        The same inputs as [`forward_features`] (image only, text only, or image i + text i as one
+        joint sequence). A tensor under every transformers version: the entry point of the training
+        code (`oner.objectives.encode_pairs`), which has no use for output objects.
+        """
+        out = self.forward_features(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            position_ids=position_ids,
+            cross_modal_attention=cross_modal_attention,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        return self.project(out.pooler_output)
+
+    def _features(self, inputs: dict[str, Any], kwargs: dict[str, Any], patches: bool = False):
+        """The body of every `get_*_features`, returned in the installed transformers' convention.
+
+        5.x (as `CLIPModel`): the encoder's `BaseModelOutputWithPooling` with `pooler_output`
+        replaced by the projected embedding; `output_attentions` / `output_hidden_states` in
+        `kwargs` fill `attentions` / `hidden_states`; `return_dict=False` (or
+        `config.return_dict=False`) gives `.to_tuple()`, as CLIP's `@can_return_tuple` does.
+        With `patches=True`, `last_hidden_state` becomes the projected patch tokens.
+        4.x: the projected tensor alone (the patch tokens when `patches=True`).
+        """
+        options = {k: bool(kwargs.get(k)) for k in ("output_attentions", "output_hidden_states")}
+        out = self.forward_features(**inputs, **(options if FEATURES_AS_OUTPUT else {}))
+        pooled = self.project(out.pooler_output)
+        patch_embeds = self.project(out.last_hidden_state[:, 1:]) if patches else None
+        if not FEATURES_AS_OUTPUT:
+            return patch_embeds if patches else pooled
+        out.pooler_output = pooled
+        if patches:
+            out.last_hidden_state = patch_embeds
+        return_dict = kwargs.get("return_dict")
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return out if return_dict else out.to_tuple()
+
     def get_image_features(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
-    ) -> torch.Tensor:
-        """`(batch, channels, H, W)` pixels -> `(batch, projection_dim)` image embeddings."""
-        out = self.forward_features(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        return self.project(out.pooler_output)
+    ) -> BaseModelOutputWithPooling | torch.Tensor:
+        """`(batch, channels, H, W)` pixels -> image embeddings in the shared space, not normalised.
+
+        Returns, like the installed transformers' `CLIPModel.get_image_features`:
+        - transformers >= 5: `BaseModelOutputWithPooling` with `pooler_output` `(batch, projection_dim)`
+          the embedding and `last_hidden_state` `(batch, 1 + num_patches, hidden_size)` the shared
+          encoder's tokens after its final LayerNorm;
+        - transformers 4.x: the `(batch, projection_dim)` tensor.
+        """
+        return self._features(dict(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding), kwargs)
 
     def get_text_features(
         self,
@@ -521,10 +582,13 @@ class OneRModel(OneRPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         **kwargs,
-    ) -> torch.Tensor:
-        """`(batch, length)` token ids -> `(batch, projection_dim)` text embeddings."""
-        out = self.forward_features(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        return self.project(out.pooler_output)
+    ) -> BaseModelOutputWithPooling | torch.Tensor:
+        """`(batch, length)` token ids -> text embeddings in the shared space, not normalised.
+
+        transformers >= 5: `BaseModelOutputWithPooling`, `pooler_output` `(batch, projection_dim)`,
+        `last_hidden_state` `(batch, 1 + length, hidden_size)`; 4.x: the `(batch, projection_dim)` tensor.
+        """
+        return self._features(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids), kwargs)
 
     def get_multimodal_features(
         self,
@@ -534,26 +598,40 @@ class OneRModel(OneRPreTrainedModel):
         cross_modal_attention: bool = False,
         interpolate_pos_encoding: bool = False,
         **kwargs,
-    ) -> torch.Tensor:
-        """Image i and text i encoded together as ONE sequence -> `(batch, projection_dim)`, same space."""
-        out = self.forward_features(
+    ) -> BaseModelOutputWithPooling | torch.Tensor:
+        """Image i and text i encoded together as ONE sequence `[CLS] + patches + words`, same space.
+
+        transformers >= 5: `BaseModelOutputWithPooling`, `pooler_output` `(batch, projection_dim)`,
+        `last_hidden_state` `(batch, 1 + num_patches + length, hidden_size)`; 4.x: the
+        `(batch, projection_dim)` tensor.
+        """
+        inputs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
             pixel_values=pixel_values,
             cross_modal_attention=cross_modal_attention,
             interpolate_pos_encoding=interpolate_pos_encoding,
         )
-        return self.project(out.pooler_output)
+        return self._features(inputs, kwargs)
 
-    def get_patch_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """Every patch token through the shared head: `(batch, num_patches, projection_dim)`.
+    def get_patch_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
+    ) -> BaseModelOutputWithPooling | torch.Tensor:
+        """Every patch token through the shared head, in the same space as texts.
 
-        Patches live in the same space as texts, so `normalize(patches) @ normalize(text).T` is a
-        text-to-patch similarity map (zero-shot localization) with no extra module. Patch `k` is at
-        row `k // grid`, column `k % grid` of the image.
+        `normalize(patches) @ normalize(text).T` is a text-to-patch similarity map (zero-shot
+        localization) with no extra module. Patch `k` is at row `k // grid`, column `k % grid`.
+
+        Returns:
+        - transformers >= 5: `BaseModelOutputWithPooling` whose `last_hidden_state`
+          `(batch, num_patches, projection_dim)` holds the projected patches (the [CLS] token
+          dropped; the sequence a CLIP user reads from `last_hidden_state`, here already in the
+          shared space) and whose `pooler_output` `(batch, projection_dim)` is the image embedding,
+          equal to `get_image_features(...).pooler_output` (one encoder pass gives both);
+        - transformers 4.x: the `(batch, num_patches, projection_dim)` tensor.
         """
-        out = self.forward_features(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        return self.project(out.last_hidden_state[:, 1:])
+        inputs = dict(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        return self._features(inputs, kwargs, patches=True)
 
     # ------------------------------------------------------------------ CLIP-compatible forward
     def forward(
@@ -640,4 +718,4 @@ class OneRModel(OneRPreTrainedModel):
             return logits + self.logit_bias.float() if self.logit_bias is not None else logits
 
 
-__all__ = ["OneRModel", "OneRPreTrainedModel", "OneROutput", "OneREncoderLayer"]
+__all__ = ["FEATURES_AS_OUTPUT", "OneRModel", "OneRPreTrainedModel", "OneROutput", "OneREncoderLayer"]

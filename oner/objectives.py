@@ -330,17 +330,19 @@ def encode_pairs(
     """Normalised embeddings of the requested passes (`image`, `text`, `joint`, `cross`), each `(n, d)`;
     the `joint` pass (full attention) only of the first `joint_rows` pairs when given, and on
     `joint_pixels` (e.g. a [`mosaic`]) instead of `pixel_values` when given."""
+    # `model.embed` returns tensors under every transformers version; the public `get_*_features`
+    # build output objects under transformers 5, which the hot path has no use for.
     out: dict[str, torch.Tensor] = {}
     if "image" in passes:
-        out["image"] = _normalize(model.get_image_features(pixel_values=pixel_values))
+        out["image"] = _normalize(model.embed(pixel_values=pixel_values))
     if "text" in passes:
-        out["text"] = _normalize(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+        out["text"] = _normalize(model.embed(input_ids=input_ids, attention_mask=attention_mask))
     for name, cross in (("joint", False), ("cross", True)):
         if name in passes:
             rows = slice(None) if cross or joint_rows is None else slice(0, joint_rows)
             pixels = joint_pixels if name == "joint" and joint_pixels is not None else pixel_values
             out[name] = _normalize(
-                model.get_multimodal_features(
+                model.embed(
                     input_ids=input_ids[rows],
                     pixel_values=pixels[rows],
                     attention_mask=attention_mask[rows],

@@ -252,6 +252,17 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
 
+def _pooled(out: Any) -> torch.Tensor:
+    """`(n, d)` from `get_image/text/multimodal_features`: an output object's `pooler_output` under
+    transformers 5 (as CLIP's), the tensor itself under 4.x or from a folder saved by older code."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _patch_tokens(out: Any) -> torch.Tensor:
+    """`(n, num_patches, d)` from `get_patch_features`: an output object's `last_hidden_state`, or the tensor."""
+    return out if isinstance(out, torch.Tensor) else out.last_hidden_state
+
+
 def _pixels(bundle: Bundle, images: list[Image.Image]) -> torch.Tensor:
     return bundle.processor(images=images, return_tensors="pt")["pixel_values"]
 
@@ -265,18 +276,18 @@ def _tokens(bundle: Bundle, texts: list[str]) -> dict[str, torch.Tensor]:
 
 @torch.inference_mode()
 def _image_embeds(bundle: Bundle, images: list[Image.Image]) -> torch.Tensor:
-    return _normalize(bundle.model.get_image_features(pixel_values=_pixels(bundle, images)))
+    return _normalize(_pooled(bundle.model.get_image_features(pixel_values=_pixels(bundle, images))))
 
 
 @torch.inference_mode()
 def _text_embeds(bundle: Bundle, texts: list[str]) -> torch.Tensor:
-    return _normalize(bundle.model.get_text_features(**_tokens(bundle, texts)))
+    return _normalize(_pooled(bundle.model.get_text_features(**_tokens(bundle, texts))))
 
 
 @torch.inference_mode()
 def _multimodal_embeds(bundle: Bundle, images: list[Image.Image], texts: list[str]) -> torch.Tensor:
     return _normalize(
-        bundle.model.get_multimodal_features(pixel_values=_pixels(bundle, images), **_tokens(bundle, texts))
+        _pooled(bundle.model.get_multimodal_features(pixel_values=_pixels(bundle, images), **_tokens(bundle, texts)))
     )
 
 
@@ -312,7 +323,7 @@ def patch_similarity(bundle: Bundle, picture: Image.Image, phrase: str) -> np.nd
 
     Patches and texts go through the same transformer and head, so they share one space.
     """
-    patches = _normalize(bundle.model.get_patch_features(pixel_values=_pixels(bundle, [picture])))[0]
+    patches = _normalize(_patch_tokens(bundle.model.get_patch_features(pixel_values=_pixels(bundle, [picture]))))[0]
     text = _text_embeds(bundle, [phrase])[0]
     return (patches @ text).reshape(bundle.grid, bundle.grid).numpy()
 

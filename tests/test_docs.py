@@ -64,3 +64,21 @@ def test_contributor_commands_are_the_readmes():
     assert command in (ROOT / "README.md").read_text()
     assert command in (ROOT / "docs" / "api-brief.md").read_text()
     assert (ROOT / "scripts" / "setup.sh").is_file()
+
+
+def test_readme_python_api_example_runs(tiny_model_dir, tmp_path, monkeypatch):
+    """The README's Python API block, run as written on a tiny folder (transformers' API as installed)."""
+    from PIL import Image
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "path/or/hub-id" in code and "apple.png" in code
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (40, 30), "red").save("apple.png")
+    scope = {}
+    exec(code.replace("path/or/hub-id", str(tiny_model_dir)), scope)
+    config = scope["model"].config
+    assert scope["probs"].shape == (2, 2)
+    assert scope["joint"].shape == scope["texts"].shape == (2, config.projection_dim)
+    assert scope["patches"].shape == (2, config.num_patches, config.projection_dim)

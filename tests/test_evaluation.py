@@ -190,6 +190,32 @@ def test_empty_embedded_split_is_an_error(model_dir, tmp_path, capsys):
     assert "is empty" in capsys.readouterr().err
 
 
+def test_encoders_read_both_feature_conventions(tiny_model, tiny_processor, monkeypatch):
+    """transformers 5's output objects and 4.x's (or older folders') tensors give the same embeddings;
+    the patches come from `last_hidden_state`, never from the pooled `pooler_output`."""
+    import torch
+    from PIL import Image
+
+    from oner.evaluation.context import EvalContext
+
+    images = [Image.new("RGB", (20, 20), c) for c in ("red", "blue", "green")]
+    texts = ["red", "a blue square", "green leaf"]
+
+    def encode():
+        ctx = EvalContext(model=tiny_model, processor=tiny_processor, batch_size=2, progress=False)
+        return (ctx.encode_images(images), ctx.encode_texts(texts), ctx.encode_patches(images),
+                ctx.encode_multimodal(images, texts))
+
+    objects = encode()
+    assert objects[2].shape == (3, tiny_model.config.num_patches, tiny_model.config.projection_dim)
+    for name, field in (("get_image_features", "pooler_output"), ("get_text_features", "pooler_output"),
+                        ("get_multimodal_features", "pooler_output"), ("get_patch_features", "last_hidden_state")):
+        method = getattr(tiny_model, name)
+        monkeypatch.setattr(tiny_model, name, lambda *a, _m=method, _f=field, **k: getattr(_m(*a, **k), _f))
+    for with_objects, with_tensors in zip(objects, encode()):
+        torch.testing.assert_close(with_tensors, with_objects)
+
+
 def test_patch_centres_follow_resize_and_centre_crop():
     # 2x2 grid on a 16 px model; a 32x32 image is scaled by 1/2, so centres sit at 8 and 24.
     assert patch_centres(2, 16, 32, 32).tolist() == [[8, 8], [24, 8], [8, 24], [24, 24]]

@@ -79,3 +79,23 @@ def test_repository_has_the_apache_2_licence_its_metadata_names():
     assert text.split()[:5] == ["Apache", "License", "Version", "2.0,", "January"]
     assert "END OF TERMS AND CONDITIONS" in text and "9. Accepting Warranty or Additional Liability." in text
     assert 'license = "Apache-2.0"' in (root / "pyproject.toml").read_text()
+
+
+def test_usage_example_runs(card, tiny_model_dir, tmp_path, monkeypatch):
+    """The card's first Python block, run as written with its repository pointed at the local folder."""
+    import re
+
+    from PIL import Image
+
+    code = re.search(r"```python\n(.*?)```", card.text, re.S).group(1)
+    assert 'repo = "someone/oner-test"' in code
+    code = code.replace('repo = "someone/oner-test"', f"repo = {str(tiny_model_dir)!r}")
+    code = code.replace('revision = "abc123def"', "revision = None")  # a local folder has no commits
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (40, 30), "red").save("emoji.png")
+    scope = {}
+    exec(code, scope)
+    config = scope["model"].config
+    assert scope["probs"].shape == (1, 3)
+    assert scope["joint"].shape == (1, config.projection_dim)
+    assert scope["patches"].shape == (1, config.num_patches, config.projection_dim)

@@ -3,8 +3,29 @@
 import pytest
 import torch
 
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
 from modeling_oner import OneRConfig, OneRModel
-from modeling_oner.modeling_oner import OneREncoderLayer
+from modeling_oner.modeling_oner import FEATURES_AS_OUTPUT, OneREncoderLayer
+
+
+def _pooled(out):
+    """The `(batch, projection_dim)` embedding of a `get_image/text/multimodal_features` result, after
+    checking that it follows the installed transformers' convention (an output object in 5.x)."""
+    if FEATURES_AS_OUTPUT:
+        assert isinstance(out, BaseModelOutputWithPooling), type(out)
+        return out.pooler_output
+    assert isinstance(out, torch.Tensor), type(out)
+    return out
+
+
+def _patches(out):
+    """The `(batch, num_patches, projection_dim)` patches of a `get_patch_features` result (see `_pooled`)."""
+    if FEATURES_AS_OUTPUT:
+        assert isinstance(out, BaseModelOutputWithPooling), type(out)
+        return out.last_hidden_state
+    assert isinstance(out, torch.Tensor), type(out)
+    return out
 
 
 def _inputs(config, batch=3, length=5, pad_last=2, seed=0):
@@ -68,7 +89,7 @@ def test_gradients_from_each_modality_reach_every_shared_weight(tiny_model, tiny
         lambda: tiny_model.get_text_features(input_ids, attention_mask),
     ):
         tiny_model.zero_grad()
-        features().square().sum().backward()
+        _pooled(features()).square().sum().backward()
         for name, parameter in tiny_model.named_parameters():
             if name.startswith(("encoder.", "post_layernorm.", "head.")):
                 assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
@@ -99,17 +120,17 @@ def test_padding_does_not_change_text_embeddings(tiny_model, tiny_config):
     padded = torch.cat([input_ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
     with torch.no_grad():
-        short = tiny_model.get_text_features(input_ids)
-        long = tiny_model.get_text_features(padded, mask)
+        short = _pooled(tiny_model.get_text_features(input_ids))
+        long = _pooled(tiny_model.get_text_features(padded, mask))
     torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-5)
 
 
 def test_multimodal_embedding_is_not_a_mix_of_separate_encodings(tiny_model, tiny_config):
     pixel_values, input_ids, attention_mask = _inputs(tiny_config)
     with torch.no_grad():
-        joint = tiny_model.get_multimodal_features(input_ids, pixel_values, attention_mask)
-        image = tiny_model.get_image_features(pixel_values)
-        text = tiny_model.get_text_features(input_ids, attention_mask)
+        joint = _pooled(tiny_model.get_multimodal_features(input_ids, pixel_values, attention_mask))
+        image = _pooled(tiny_model.get_image_features(pixel_values))
+        text = _pooled(tiny_model.get_text_features(input_ids, attention_mask))
     assert joint.shape == image.shape
     assert not torch.allclose(joint, image, atol=1e-4) and not torch.allclose(joint, text, atol=1e-4)
 
@@ -147,7 +168,7 @@ def test_eager_and_sdpa_agree(tiny_model, tiny_config, cross):
         with torch.no_grad():
             results[implementation] = (
                 tiny_model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits_per_image,
-                tiny_model.get_multimodal_features(input_ids, pixel_values, attention_mask, cross_modal_attention=cross),
+                _pooled(tiny_model.get_multimodal_features(input_ids, pixel_values, attention_mask, cross_modal_attention=cross)),
             )
     for eager, sdpa in zip(results["eager"], results["sdpa"]):
         torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
@@ -185,8 +206,8 @@ def test_autocast_keeps_logits_and_scale_in_fp32(tiny_model, tiny_config, dtype)
 def test_patch_features_make_a_text_to_patch_map(tiny_model, tiny_config):
     pixel_values, input_ids, attention_mask = _inputs(tiny_config)
     with torch.no_grad():
-        patches = tiny_model.get_patch_features(pixel_values)
-        text = tiny_model.get_text_features(input_ids, attention_mask)
+        patches = _patches(tiny_model.get_patch_features(pixel_values))
+        text = _pooled(tiny_model.get_text_features(input_ids, attention_mask))
     assert patches.shape == (3, tiny_config.num_patches, tiny_config.projection_dim)
     similarity = torch.einsum(
         "bpd,bd->bp", torch.nn.functional.normalize(patches, dim=-1), torch.nn.functional.normalize(text, dim=-1)
@@ -198,11 +219,12 @@ def test_interpolated_position_embeddings_accept_other_sizes(tiny_model, tiny_co
     pixel_values = torch.randn(2, 3, tiny_config.image_size * 2, tiny_config.image_size * 2)
     with pytest.raises(ValueError, match="interpolate_pos_encoding"):
         tiny_model.get_image_features(pixel_values)
-    features = tiny_model.get_image_features(pixel_values, interpolate_pos_encoding=True)
+    features = _pooled(tiny_model.get_image_features(pixel_values, interpolate_pos_encoding=True))
     assert features.shape == (2, tiny_config.projection_dim)
     same = torch.randn(2, 3, tiny_config.image_size, tiny_config.image_size)
     torch.testing.assert_close(
-        tiny_model.get_image_features(same), tiny_model.get_image_features(same, interpolate_pos_encoding=True)
+        _pooled(tiny_model.get_image_features(same)),
+        _pooled(tiny_model.get_image_features(same, interpolate_pos_encoding=True)),
     )
 
 
@@ -303,8 +325,8 @@ def test_pooling_of_each_input_kind(tiny_config, pooling):
     torch.testing.assert_close(joint.pooler_output, expected(joint, (joint_patches + joint_words) / 2))
     # the global embedding is the patch embeddings' mean (linear head): the map and the score agree
     if pooling == "mean":
-        torch.testing.assert_close(model.get_image_features(pixel_values=pixels),
-                                   model.get_patch_features(pixel_values=pixels).mean(1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_pooled(model.get_image_features(pixel_values=pixels)),
+                                   _patches(model.get_patch_features(pixel_values=pixels)).mean(1), atol=1e-5, rtol=1e-5)
 
 
 def test_mean_pooling_trains_every_patch_token(tiny_config):
@@ -313,7 +335,7 @@ def test_mean_pooling_trains_every_patch_token(tiny_config):
     tiny_config.pooling = "mean"
     model = OneRModel(tiny_config)
     pixels = torch.randn(2, 3, tiny_config.image_size, tiny_config.image_size, requires_grad=True)
-    model.get_image_features(pixel_values=pixels).sum().backward()
+    _pooled(model.get_image_features(pixel_values=pixels)).sum().backward()
     # every patch of the input receives gradient through its own token, not only through attention to [CLS]
     per_patch = pixels.grad.abs().unfold(2, tiny_config.patch_size, tiny_config.patch_size).unfold(
         3, tiny_config.patch_size, tiny_config.patch_size).sum(dim=(0, 1, 4, 5))
@@ -344,3 +366,120 @@ def test_config_checks_run_wherever_a_model_is_built(tiny_model_dir):
 
     with pytest.raises(ValueError, match="num_attention_heads must be a positive integer"):
         OneRConfig.from_preset("tiny", num_attention_heads=0)  # named, not a ZeroDivisionError
+
+
+# --------------------------------------------------------------------------- get_*_features return types
+# CLIPModel's get_image/text_features return a BaseModelOutputWithPooling under transformers 5 (a
+# tensor under 4.x); OneR's four methods follow the installed version. The cross-version check
+# against a real CLIPModel, loaded as a user loads it, is in tests/test_transformers_4_57.py.
+
+
+def _feature_calls(model, config):
+    """`{method: (call, old tensor value, encoder output)}` for the four methods on one batch; the old
+    value is what the method returned before OneR followed transformers 5 (projection of the pool)."""
+    pixel_values, input_ids, attention_mask = _inputs(config)
+    image = model.forward_features(pixel_values=pixel_values)
+    text = model.forward_features(input_ids=input_ids, attention_mask=attention_mask)
+    joint = model.forward_features(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+    return {
+        "get_image_features": (lambda **kw: model.get_image_features(pixel_values, **kw),
+                               model.project(image.pooler_output), image),
+        "get_text_features": (lambda **kw: model.get_text_features(input_ids, attention_mask, **kw),
+                              model.project(text.pooler_output), text),
+        "get_multimodal_features": (lambda **kw: model.get_multimodal_features(input_ids, pixel_values, attention_mask, **kw),
+                                    model.project(joint.pooler_output), joint),
+        "get_patch_features": (lambda **kw: model.get_patch_features(pixel_values, **kw),
+                               model.project(image.last_hidden_state[:, 1:]), image),
+    }
+
+
+@pytest.mark.skipif(not FEATURES_AS_OUTPUT, reason="transformers 4.x: the methods return tensors")
+@torch.no_grad()
+def test_features_are_output_objects_under_transformers_5(tiny_model, tiny_config):
+    for name, (call, old, encoder) in _feature_calls(tiny_model, tiny_config).items():
+        out = call()
+        assert type(out) is BaseModelOutputWithPooling, name
+        if name == "get_patch_features":
+            # last_hidden_state: the projected patches (what the method returned before);
+            # pooler_output: the image embedding of the same pass.
+            assert out.last_hidden_state.shape == (3, tiny_config.num_patches, tiny_config.projection_dim)
+            torch.testing.assert_close(out.last_hidden_state, old)
+            torch.testing.assert_close(out.pooler_output, tiny_model.get_image_features(_inputs(tiny_config)[0]).pooler_output)
+        else:
+            assert out.pooler_output.shape == (3, tiny_config.projection_dim), name
+            torch.testing.assert_close(out.pooler_output, old, msg=name)
+            torch.testing.assert_close(out.last_hidden_state, encoder.last_hidden_state, msg=name)
+        assert out.hidden_states is None and out.attentions is None, name
+
+
+@pytest.mark.skipif(not FEATURES_AS_OUTPUT, reason="transformers 4.x: the methods return tensors")
+@torch.no_grad()
+def test_features_take_clip_options_under_transformers_5(tiny_model, tiny_config):
+    tiny_model.set_attn_implementation("eager")  # sdpa returns no attention weights
+    layers = tiny_config.num_hidden_layers
+    for name, (call, old, _) in _feature_calls(tiny_model, tiny_config).items():
+        out = call(output_hidden_states=True, output_attentions=True)
+        assert len(out.hidden_states) == layers + 1 and len(out.attentions) == layers, name
+        as_tuple = call(return_dict=False)  # CLIP's @can_return_tuple: the non-None fields in order
+        assert isinstance(as_tuple, tuple) and len(as_tuple) == 2, name
+        torch.testing.assert_close(as_tuple[0 if name == "get_patch_features" else 1], old, msg=name)
+    tiny_model.config.return_dict = False
+    assert isinstance(tiny_model.get_image_features(_inputs(tiny_config)[0]), tuple)
+
+
+@torch.no_grad()
+def test_features_are_the_old_tensors_under_transformers_4(tiny_model, tiny_config, monkeypatch):
+    """The 4.x branch, exercised here by flipping the switch (a real 4.57 run is in test_transformers_4_57.py)."""
+    import modeling_oner.modeling_oner as module
+
+    monkeypatch.setattr(module, "FEATURES_AS_OUTPUT", False)
+    for name, (call, old, _) in _feature_calls(tiny_model, tiny_config).items():
+        out = call(output_hidden_states=True, return_dict=True)  # CLIP 4.x options are accepted and ignored
+        assert type(out) is torch.Tensor, name
+        torch.testing.assert_close(out, old, msg=name)
+
+
+@torch.no_grad()
+def test_features_are_not_normalised_and_forward_normalises_them(tiny_model, tiny_config):
+    pixel_values, input_ids, attention_mask = _inputs(tiny_config)
+    image = _pooled(tiny_model.get_image_features(pixel_values))
+    text = _pooled(tiny_model.get_text_features(input_ids, attention_mask))
+    patches = _patches(tiny_model.get_patch_features(pixel_values))
+    for raw in (image, text, patches):
+        assert not torch.allclose(raw.norm(dim=-1), torch.ones(raw.shape[:-1]), atol=1e-3)
+    out = tiny_model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+    torch.testing.assert_close(out.image_embeds, torch.nn.functional.normalize(image, dim=-1))
+    torch.testing.assert_close(out.text_embeds, torch.nn.functional.normalize(text, dim=-1))
+
+
+@torch.no_grad()
+def test_embed_is_the_tensor_behind_get_features(tiny_model, tiny_config):
+    """`embed` (the training code's entry) returns tensors under every version, equal to the public methods'."""
+    pixel_values, input_ids, attention_mask = _inputs(tiny_config)
+    pairs = [
+        (tiny_model.embed(pixel_values=pixel_values), tiny_model.get_image_features(pixel_values)),
+        (tiny_model.embed(input_ids=input_ids, attention_mask=attention_mask),
+         tiny_model.get_text_features(input_ids, attention_mask)),
+        (tiny_model.embed(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                          cross_modal_attention=True),
+         tiny_model.get_multimodal_features(input_ids, pixel_values, attention_mask, cross_modal_attention=True)),
+    ]
+    for tensor, features in pairs:
+        assert type(tensor) is torch.Tensor
+        torch.testing.assert_close(tensor, _pooled(features))
+
+
+def test_features_follow_the_installed_clip():
+    """FEATURES_AS_OUTPUT agrees with what the installed transformers' CLIPModel returns."""
+    from transformers import CLIPConfig, CLIPModel
+
+    clip = CLIPModel(CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=100, max_position_embeddings=8),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=8, patch_size=4),
+        projection_dim=8,
+    )).eval()
+    with torch.no_grad():
+        out = clip.get_image_features(pixel_values=torch.randn(1, 3, 8, 8))
+    assert isinstance(out, BaseModelOutputWithPooling) == FEATURES_AS_OUTPUT

@@ -259,13 +259,14 @@ def test_mosaic_puts_each_image_in_one_quadrant_among_three_others():
 
 def test_cmc_mosaic_feeds_the_joint_pass_and_keeps_the_pair_target(tiny_model, batch):
     seen = []
-    original = tiny_model.get_multimodal_features
+    original = tiny_model.embed
 
     def spy(**kwargs):
-        seen.append(kwargs["pixel_values"])
+        if "input_ids" in kwargs and "pixel_values" in kwargs:  # the joint pass
+            seen.append(kwargs["pixel_values"])
         return original(**kwargs)
 
-    tiny_model.get_multimodal_features = spy
+    tiny_model.embed = spy
     loss, parts, _ = _run(tiny_model, batch, "xmc+cmc", xmc_form="cross-pair", cmc_context="mosaic")
     assert len(seen) == 1 and seen[0].shape == batch["pixel_values"].shape
     assert not torch.equal(seen[0], batch["pixel_values"])  # the joint pass saw mosaics, not the pair's image

@@ -61,7 +61,8 @@ USER_SCRIPT = textwrap.dedent(
         "module": type(model).__module__,
         "logit_scale": model.logit_scale.item(),
         "logits_per_image": out.logits_per_image.tolist(),
-        "joint": joint.tolist(),
+        "joint_type": type(joint).__name__,
+        "joint": joint.pooler_output.tolist(),  # transformers 5: an output object, as CLIP's
         "pipeline_labels": sorted(r["label"] for r in ranked),
         "pipeline_total": sum(r["score"] for r in ranked),
     }}))
@@ -102,10 +103,11 @@ def test_saved_folder_loads_without_the_project_with_identical_outputs(tmp_path,
     inputs = tiny_processor(text=["a red apple", "blue square"], images=images)
     with torch.no_grad():
         expected = tiny_model(**inputs).logits_per_image
-        joint = tiny_model.get_multimodal_features(**inputs)
+        joint = tiny_model.get_multimodal_features(**inputs).pooler_output
     assert user["class"] == "OneRModel" and user["module"].startswith("transformers_modules")
     assert user["logit_scale"] == pytest.approx(4.0)
     torch.testing.assert_close(torch.tensor(user["logits_per_image"]), expected, atol=1e-5, rtol=1e-5)
+    assert user["joint_type"] == "BaseModelOutputWithPooling"
     torch.testing.assert_close(torch.tensor(user["joint"]), joint, atol=1e-5, rtol=1e-5)
     assert user["pipeline_labels"] == ["a red apple", "blue square", "dog"]
     assert user["pipeline_total"] == pytest.approx(1.0, abs=1e-4)
@@ -132,8 +134,8 @@ def test_every_value_survives_save_and_load(tmp_path, tiny_model, tiny_processor
     input_ids = torch.tensor([[2000, 2001, 2002, 2003]])
     with torch.no_grad():
         torch.testing.assert_close(
-            loaded.get_text_features(input_ids, position_ids=position_ids),
-            tiny_model.get_text_features(input_ids, position_ids=position_ids),
+            loaded.get_text_features(input_ids, position_ids=position_ids).pooler_output,
+            tiny_model.get_text_features(input_ids, position_ids=position_ids).pooler_output,
         )
 
 

@@ -145,13 +145,33 @@ def test_localize_heatmap_is_text_to_patch_cosine(bundle):
     pixels = bundle.processor(images=[Image.open(path).convert("RGB")], return_tensors="pt")["pixel_values"]
     text = bundle.processor(text=["rocket"], return_tensors="pt")
     with torch.inference_mode():
-        patches = torch.nn.functional.normalize(bundle.model.get_patch_features(pixel_values=pixels)[0], dim=-1)
-        words = torch.nn.functional.normalize(
-            bundle.model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])[0], dim=-1
-        )
+        # transformers 5: output objects, as CLIP's; the patches are the patch variant's last_hidden_state
+        patches = bundle.model.get_patch_features(pixel_values=pixels).last_hidden_state[0]
+        words = bundle.model.get_text_features(
+            input_ids=text["input_ids"], attention_mask=text["attention_mask"]
+        ).pooler_output[0]
+        patches, words = (torch.nn.functional.normalize(x, dim=-1) for x in (patches, words))
     np.testing.assert_allclose(sim.ravel(), (patches @ words).numpy(), atol=1e-5)
     row, col = np.unravel_index(sim.argmax(), sim.shape)
     assert f"row {row + 1}, column {col + 1} of a {grid}x{grid} grid" in summary
+
+
+def test_demo_reads_tensors_too(bundle, monkeypatch):
+    """A folder saved by older OneR code, or any model under transformers 4.x, returns plain tensors
+    from get_*_features: the demo gives the same numbers as with transformers 5's output objects."""
+    picture = oner_demo.open_image(str(EX / "composite_cat_apple_rocket.png"))
+    before = (oner_demo.patch_similarity(bundle, picture, "rocket"), oner_demo._image_embeds(bundle, [picture]),
+              oner_demo._multimodal_embeds(bundle, [picture], ["rocket"]))
+    model = bundle.model
+    for name, field in (("get_image_features", "pooler_output"), ("get_text_features", "pooler_output"),
+                        ("get_multimodal_features", "pooler_output"), ("get_patch_features", "last_hidden_state")):
+        method = getattr(model, name)
+        monkeypatch.setattr(model, name, lambda *a, _m=method, _f=field, **k: getattr(_m(*a, **k), _f))
+    after = (oner_demo.patch_similarity(bundle, picture, "rocket"), oner_demo._image_embeds(bundle, [picture]),
+             oner_demo._multimodal_embeds(bundle, [picture], ["rocket"]))
+    np.testing.assert_allclose(after[0], before[0], atol=1e-6)
+    torch.testing.assert_close(after[1], before[1])
+    torch.testing.assert_close(after[2], before[2])
 
 
 def test_overlay_marks_the_best_patch():
@@ -182,7 +202,7 @@ def test_multimodal_query_is_one_joint_sequence(bundle):
         query = torch.nn.functional.normalize(
             bundle.model.get_multimodal_features(
                 input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=pixels
-            ),
+            ).pooler_output,
             dim=-1,
         )
     best = int((query @ bundle.gallery().image_embeds.T).argmax())

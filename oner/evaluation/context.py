@@ -58,6 +58,19 @@ def load_model_and_processor(model_dir: str | Path, device: str | torch.device |
     return model.to(device).eval(), processor
 
 
+def pooled(out: Any) -> torch.Tensor:
+    """The `(n, d)` embedding from `get_image/text/multimodal_features`: `pooler_output` of the output
+    object transformers 5's convention returns (OneR and CLIP alike), the tensor itself otherwise
+    (transformers 4.x, model folders saved before OneR followed the convention, [`CLIPForOneREval`])."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def patch_tokens(out: Any) -> torch.Tensor:
+    """The `(n, num_patches, d)` patches from `get_patch_features`: `last_hidden_state` of an output
+    object (its `pooler_output` is the pooled image embedding, not the patches), or the tensor."""
+    return out if isinstance(out, torch.Tensor) else out.last_hidden_state
+
+
 def open_image(item: ImageLike) -> Image.Image:
     """A PIL image from a PIL image or a path (RGB; transparency on white, as the data set stores it)."""
     if isinstance(item, Image.Image):
@@ -125,7 +138,7 @@ class EvalContext:
         def compute():
             return F.normalize(
                 self._batched(len(images), f"encoding {desc}",
-                              lambda s: self.model.get_image_features(pixel_values=self._pixels(images[s]))),
+                              lambda s: pooled(self.model.get_image_features(pixel_values=self._pixels(images[s])))),
                 dim=-1,
             )
         return self._memo(("image", cache_key), compute) if cache_key is not None else compute()
@@ -133,7 +146,7 @@ class EvalContext:
     def encode_texts(self, texts: Sequence[str], desc: str = "texts") -> torch.Tensor:
         """`n` texts -> `(n, projection_dim)` normalised text embeddings."""
         return F.normalize(
-            self._batched(len(texts), f"encoding {desc}", lambda s: self.model.get_text_features(**self._tokens(texts[s]))),
+            self._batched(len(texts), f"encoding {desc}", lambda s: pooled(self.model.get_text_features(**self._tokens(texts[s])))),
             dim=-1,
         )
 
@@ -142,7 +155,7 @@ class EvalContext:
         def compute():
             return F.normalize(
                 self._batched(len(images), f"encoding {desc}",
-                              lambda s: self.model.get_patch_features(self._pixels(images[s]))),
+                              lambda s: patch_tokens(self.model.get_patch_features(self._pixels(images[s])))),
                 dim=-1,
             )
         return self._memo(("patch", cache_key), compute) if cache_key is not None else compute()
@@ -154,7 +167,9 @@ class EvalContext:
         return F.normalize(
             self._batched(
                 len(images), f"encoding {desc}",
-                lambda s: self.model.get_multimodal_features(pixel_values=self._pixels(images[s]), **self._tokens(texts[s])),
+                lambda s: pooled(
+                    self.model.get_multimodal_features(pixel_values=self._pixels(images[s]), **self._tokens(texts[s]))
+                ),
             ),
             dim=-1,
         )
