@@ -249,3 +249,27 @@ def test_augmentation_does_not_depend_on_loader_workers(shards):
     assert alone.keys() == two.keys() and len(alone) == 640
     for key in alone:
         assert np.array_equal(alone[key][0], two[key][0]) and alone[key][1] == two[key][1], key
+
+
+def test_the_cc3m_config_streams_its_shards_as_written(tmp_path, monkeypatch):
+    """configs/base-patch16-224-cc3m.yaml's own brace range, rooted in a temporary folder."""
+    from oner.training import parse_args
+    from oner.training.data import StreamingPairs, open_train_data
+
+    args = parse_args(["--config", str(REPO / "configs" / "base-patch16-224-cc3m.yaml")])
+    assert args.train_data == "/data/cc3m/{00000..00331}.tar" and args.max_steps and args.num_train_epochs
+    import io
+    import tarfile
+
+    folder = tmp_path / "data" / "cc3m"
+    folder.mkdir(parents=True)
+    for shard in range(332):  # one unread sample each: only the shard list matters here
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for ext, data in (("jpg", b"not decoded here"), ("txt", b"a caption")):
+                info = tarfile.TarInfo(f"{shard:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    args.train_data = str(tmp_path) + args.train_data
+    stream = open_train_data(args, seed=0, image_size=16, rank=1, world_size=4)
+    assert isinstance(stream, StreamingPairs)
+    assert stream.source.hf_dataset.n_shards == 83  # 332 shards over 4 processes, whole shards each

@@ -157,6 +157,9 @@ def open_stream(source, args, seed, image_augment, text_augment, rank: int, worl
         stream = stream.filter(lambda row: str(row[column]).lower() == value)
     if args.max_train_samples:
         stream = stream.take(args.max_train_samples)
+    if world_size > 1 and stream.n_shards % world_size and rank == 0:
+        print(f"{args.train_data}: {stream.n_shards} shards for {world_size} processes: each process reads every "
+              f"shard and keeps every {world_size}th row; a multiple of {world_size} shards reads each once")
     source.hf_dataset = split_dataset_by_node(stream, rank=rank, world_size=world_size)
     return StreamingPairs(source, image_augment, text_augment, seed=seed, buffer_size=args.shuffle_buffer, rank=rank)
 
