@@ -2,6 +2,7 @@
 trained on exactly once; the same data as parquet and a save_to_disk folder; bad sources refused
 before anything is written; the stream's position and augmentation independent of workers."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -273,3 +274,27 @@ def test_the_cc3m_config_streams_its_shards_as_written(tmp_path, monkeypatch):
     stream = open_train_data(args, seed=0, image_size=16, rank=1, world_size=4)
     assert isinstance(stream, StreamingPairs)
     assert stream.source.hf_dataset.n_shards == 83  # 332 shards over 4 processes, whole shards each
+
+
+def test_stream_position_inside_loader_workers_resumes_exactly(shards):
+    """Two loader workers, each with its own buffer and position, through StatefulDataLoader."""
+    from modeling_oner import OneRConfig
+    from processing_oner import build_processor
+
+    from oner.training.data import make_stream_loader
+
+    folder, _ = shards
+    processor = build_processor(OneRConfig.from_preset("tiny", **TINY))
+
+    def loader():
+        return make_stream_loader(_stream(f"{folder}/{{00000..00003}}.tar"), processor, batch_size=32, num_workers=2)
+
+    def keys(batches, n=None):
+        return [tuple(b["sample_keys"]) for b in itertools.islice(batches, n)]
+
+    whole = keys(loader())
+    first = loader()
+    head = keys(first, 7)
+    again = loader()
+    again.load_state_dict(first.state_dict())
+    assert head + keys(again) == whole and len(whole) == 40  # 1280 pairs, none lost or repeated

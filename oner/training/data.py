@@ -10,6 +10,7 @@ resumed run would see different augmentations. Here each sample's randomness is 
 from __future__ import annotations
 
 import hashlib
+import itertools
 from typing import Any
 
 import numpy as np
@@ -238,11 +239,14 @@ class StreamingPairs(torch.utils.data.IterableDataset):
     `stats` and skipped, as for map-style data. Each sample's augmentation is drawn from
     `(seed, epoch, its key)`, so it does not depend on the number of processes or loader workers.
 
-    Exact resume: `state_dict()` is the stream's own position (`datasets`' `state_dict()`), the
-    rows in the buffer and the buffer's random state, taken between batches. `datasets`' own
-    shuffle buffer is not saved with its position (a resume would drop the rows in it), which
-    is why the buffer lives here. With loader workers, torchdata's `StatefulDataLoader` keeps one
-    such state per worker.
+    Exact resume: `state_dict()` is the stream's position, the rows in the buffer and the buffer's
+    random state, taken between batches. `datasets`' own shuffle buffer is not saved with its
+    position (a resume would drop the rows in it), which is why the buffer lives here. With loader
+    workers, torchdata's `StatefulDataLoader` keeps one such state per worker. In the loading
+    process the position is `datasets`' own `state_dict()` (it seeks to the row). Inside a worker,
+    datasets 5.2 restores a position before it splits the shards between workers and fails, so a
+    worker counts the rows it read and skips that many on resume (reading, not decoding, them
+    again): the order within a worker is fixed by (seed, epoch, worker), so it is the same row.
     """
 
     def __init__(self, source, image_augment: ImageAugment | None, text_augment: TextAugment | None,
@@ -254,6 +258,8 @@ class StreamingPairs(torch.utils.data.IterableDataset):
         self.buffer_size = max(int(buffer_size), 1)
         self.epoch = 0
         self._buffer: list[dict] = []
+        self._rows_read = 0  # rows taken from the stream this epoch, in this worker
+        self._in_worker = False
         self._rng: np.random.Generator | None = None
         self._restored: dict | None = None  # a state to continue from at the next __iter__
 
@@ -267,25 +273,32 @@ class StreamingPairs(torch.utils.data.IterableDataset):
     def state_dict(self) -> dict:
         if self._rng is None:  # not started, or restored and not yet resumed
             return dict(self._restored) if self._restored else {"epoch": self.epoch}
-        return {"epoch": self.epoch, "stream": self.source.hf_dataset.state_dict(),
+        return {"epoch": self.epoch, "rows_read": self._rows_read,
+                "stream": None if self._in_worker else self.source.hf_dataset.state_dict(),
                 "buffer": list(self._buffer), "rng": self._rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
-        self._restored = state if "stream" in state else None
+        self._restored = state if "rows_read" in state else None
 
     def __iter__(self):
         stream = self.source.hf_dataset
         stream.set_epoch(self.epoch)  # a new shard order per epoch
         worker = torch.utils.data.get_worker_info()
+        self._in_worker = worker is not None
         self._rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker.id if worker else 0])
-        self._buffer = []
+        self._buffer, self._rows_read, skip = [], 0, 0
         if self._restored is not None:
-            stream.load_state_dict(self._restored["stream"])
+            if self._in_worker:
+                skip = self._rows_read = self._restored["rows_read"]
+            else:
+                stream.load_state_dict(self._restored["stream"])
+                self._rows_read = self._restored["rows_read"]
             self._buffer = list(self._restored["buffer"])
             self._rng.bit_generator.state = self._restored["rng"]
             self._restored = None
-        for row in stream:
+        for row in itertools.islice(stream, skip, None):
+            self._rows_read += 1
             if len(self._buffer) < self.buffer_size:
                 self._buffer.append(row)
                 continue
