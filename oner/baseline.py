@@ -57,6 +57,38 @@ def clip_config_for(oner_config) -> CLIPConfig:
     )
 
 
+def oner_config_of_clip(clip_config: CLIPConfig):
+    """The `OneRConfig` whose `clip_config_for` is `clip_config`: the inverse, for a loaded baseline.
+
+    Only the fields `clip_config_for` sets are meaningful (`CLIP_FIELDS`); the rest keep OneRConfig's
+    defaults. Raises ValueError when the two towers differ (not a baseline made by this module).
+    """
+    from modeling_oner import OneRConfig
+
+    vision, text = clip_config.vision_config, clip_config.text_config
+    tower = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "layer_norm_eps",
+             "initializer_range")
+    differ = [name for name in tower if getattr(vision, name) != getattr(text, name)]
+    if differ:
+        raise ValueError(f"its vision and text towers differ in {differ}: not a baseline saved by train.py --architecture clip")
+    return OneRConfig(
+        **{name: getattr(vision, name) for name in tower},
+        vocab_size=text.vocab_size,
+        max_position_embeddings=text.max_position_embeddings - 1,  # clip_config_for adds the appended [SEP]
+        pad_token_id=text.pad_token_id,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        projection_dim=clip_config.projection_dim,
+        logit_scale_init_value=clip_config.logit_scale_init_value,
+    )
+
+
+#: The OneRConfig fields that shape the baseline (those `clip_config_for` reads).
+CLIP_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "layer_norm_eps",
+               "initializer_range", "vocab_size", "max_position_embeddings", "pad_token_id", "image_size",
+               "patch_size", "projection_dim", "logit_scale_init_value")
+
+
 def build_clip_processor(oner_config) -> CLIPProcessor:
     """CLIPProcessor: OneR's image processor and WordPiece tokenizer, with `[SEP]` appended to each text."""
     tokenizer = build_tokenizer(oner_config.max_position_embeddings + 1)

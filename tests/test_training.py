@@ -61,6 +61,8 @@ def test_no_arguments_is_the_tiny_embedded_config():
     from_file = vars(parse_args(["--config", str(REPO / "configs" / "tiny-embedded.yaml")]))
     from_file.pop("config")
     default.pop("config")
+    assert default.pop("explicit_flags") == []  # what was given differs (the file gives every key); the values do not
+    assert "preset" in from_file.pop("explicit_flags")
     assert default == from_file
     assert default["preset"] == "tiny" and default["train_data"] == "embedded"
     assert default["max_train_minutes"] == 10 and default["objective"] == "xmc+cmc"

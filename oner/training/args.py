@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="oner, or clip: transformers' CLIPModel with each tower sized like the preset (ITC only)")
     g.add_argument("--config_overrides", default=None,
                    help="override preset fields, as transformers' run_clm: 'hidden_size=128,num_hidden_layers=2'")
+    g.add_argument("--model_name_or_path", default=None,
+                   help="start from this trained model instead of a fresh one: a folder saved by train.py or a Hub id "
+                   "(owner/name); its processor too, with a fresh optimizer and schedule. An explicit --preset and "
+                   "--config_overrides must agree with it (only attention_dropout may change)")
+    g.add_argument("--revision", default=None,
+                   help="branch, tag or commit of the --model_name_or_path Hub repository (default: main)")
     g.add_argument("--output_dir", default="outputs/oner-tiny-embedded", help="model folder, checkpoints and logs")
     g.add_argument("--seed", type=int, default=0)
 
@@ -171,6 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
+    values = {}
     if first.config:
         values = _load_config_file(first.config)
         known = {a.dest for a in parser._actions}
@@ -190,8 +197,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 parser.error(f"--config {first.config}: {action.dest} must be one of {list(action.choices)}")
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    args.explicit_flags = _explicit_flags(argv, values)
     _validate(parser, args)
     return args
+
+
+def _explicit_flags(argv: list[str], config_values: dict) -> list[str]:
+    """Names (dests) of the flags the user gave, on the command line or in the `--config` file, as
+    opposed to argparse defaults: e.g. `--preset` must match a `--model_name_or_path` model only when
+    given. Sorted, so that `training_args.json` records it as a list."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS  # absent flags then leave no attribute
+    given, _ = probe.parse_known_args(argv)
+    return sorted((set(vars(given)) | {k.replace("-", "_") for k in config_values}) - {"config"})
 
 
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -233,6 +252,10 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             resolve_token()
         except PushError as e:
             parser.error(f"--push_to_hub: {e}")
+    if args.revision is not None and not args.model_name_or_path:
+        parser.error("--revision pins the --model_name_or_path Hub repository; give --model_name_or_path too")
+    if args.model_name_or_path is not None and not str(args.model_name_or_path).strip():
+        parser.error("--model_name_or_path is empty")
     if args.num_threads is not None and args.num_threads < 1:
         parser.error("--num_threads must be >= 1")
     if args.shuffle_buffer < 1:

@@ -30,7 +30,8 @@ from .tracking import PLOT_NAME, TrainingLog, format_eta, plot_loss_curve
 
 # Settings that must match between a checkpoint and the run resuming it.
 RESUME_MUST_MATCH = ("preset", "config_overrides", "architecture", "objective", "per_device_batch_size", "accum_freq",
-                     "pairwise_loss", "xmc_form", "cmc_context", "cmc_fraction", "temperature")
+                     "pairwise_loss", "xmc_form", "cmc_context", "cmc_fraction", "temperature",
+                     "model_name_or_path", "revision")
 
 
 class UserError(Exception):
@@ -91,20 +92,31 @@ def _has_accelerator_device() -> bool:
 
 
 def build_model(args):
-    """`(pretrainer, model_to_save, processor, config)` for `--architecture oner|clip`."""
+    """`(pretrainer, model_to_save, processor, config)` for `--architecture oner|clip`.
+
+    A fresh model from `--preset` + `--config_overrides`, or, with `--model_name_or_path`, the saved
+    model and its processor (`oner.training.pretrained`; `config` is then the loaded model's OneR config,
+    for a CLIP baseline the one it was sized from, and `args.preset` becomes the preset it matches or
+    "custom"). Raises UserError for a source that cannot be used.
+    """
     from modeling_oner import OneRConfig, OneRModel
     from processing_oner import build_processor
 
-    config = OneRConfig.from_preset(args.preset, **args.model_overrides)
-    # Training-time only: transformers does not save it, so a loaded model picks its own (sdpa).
-    config._attn_implementation = args.attn_implementation
+    if args.model_name_or_path:
+        model, processor, config = load_source_model(args)
+    else:
+        config = OneRConfig.from_preset(args.preset, **args.model_overrides)
+        # Training-time only: transformers does not save it, so a loaded model picks its own (sdpa).
+        config._attn_implementation = args.attn_implementation
     if args.architecture == "clip":
         from oner.baseline import CLIPPretrainer, build_clip
 
-        model, processor = build_clip(config)
+        if not args.model_name_or_path:
+            model, processor = build_clip(config)
         pretrainer = CLIPPretrainer(model)
     else:
-        model, processor = OneRModel(config), build_processor(config)
+        if not args.model_name_or_path:
+            model, processor = OneRModel(config), build_processor(config)
         pretrainer = OneRPretrainer(model, objective_config(args))
     if args.gradient_checkpointing:
         # Non-reentrant checkpointing works with DDP and with parameters unused by some passes.
@@ -113,6 +125,27 @@ def build_model(args):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return pretrainer, model, processor, config
+
+
+def load_source_model(args):
+    """`(model, processor, config)` of `--model_name_or_path`, after checking the preset and overrides
+    against it (see `oner.training.pretrained` for what is refused and why)."""
+    from .pretrained import SourceError, check_agreement, load_pretrained, preset_name, resolve_source, source_config
+
+    try:
+        source = resolve_source(args.model_name_or_path, args.revision)
+        config = source_config(source, args.architecture)
+        preset = args.preset if "preset" in args.explicit_flags else None
+        apply = check_agreement(config, preset, args.model_overrides, args.architecture, source.label)
+        model, processor = load_pretrained(source, args.architecture, args.attn_implementation, apply)
+    except SourceError as e:
+        raise UserError(str(e)) from None
+    args.preset = preset_name(config, args.architecture)
+    args.source_model = source.label
+    args.source_is_local = source.local
+    for key, value in apply.items():
+        setattr(config, key, value)
+    return model, processor, config
 
 
 def objective_config(args) -> ObjectiveConfig:
@@ -293,6 +326,8 @@ def train(args) -> int:
     budget = args.max_train_minutes * 60 if args.max_train_minutes else float("inf")
     global_batch = args.per_device_batch_size * args.accum_freq * accelerator.num_processes
     n_params = sum(p.numel() for p in model.parameters())
+    if args.model_name_or_path:
+        accelerator.print(f"continuing from {args.source_model}: its weights and processor, a fresh optimizer and schedule")
     accelerator.print(
         f"training {args.architecture} ({args.preset}, {n_params / 1e6:.1f}M parameters) on "
         f"{'a stream of pairs' if streamed else f'{len(dataset)} pairs'} from {args.train_data}; {accelerator.num_processes} process(es), {global_batch} pairs per step, "
@@ -541,6 +576,9 @@ def finish(model, processor, args, state, dataset, log, global_batch: int, data_
     training = {
         "architecture": args.architecture,
         "preset": args.preset,
+        # --model_name_or_path: what this run continued from; a Hub id is also the card's base_model.
+        "continued_from": getattr(args, "source_model", None),
+        "base_model": None if getattr(args, "source_is_local", True) else args.model_name_or_path,
         "objective": args.objective,
         "xmc_form": args.xmc_form if "xmc" in args.objective_weights else None,
         "cmc_context": args.cmc_context if "cmc" in args.objective_weights else None,
