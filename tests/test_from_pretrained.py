@@ -2,6 +2,7 @@
 folders that are not models are refused before anything is written."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,6 +118,32 @@ def test_the_clip_baseline_continues_too(pairs_dir, tmp_path):  # noqa: F811
     assert isinstance(CLIPModel.from_pretrained(out), CLIPModel)
 
 
+def test_a_hub_model_in_the_local_cache_loads_offline_at_its_revision(pairs_dir, tiny_model_dir, tmp_path):  # noqa: F811
+    """Offline, a Hub id loads from the Hugging Face cache (here: a snapshot laid out as the Hub client
+    lays it out, with the branch `v1`); the card names it as its base model."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from oner.training import main
+
+    repo = Path(constants.HF_HUB_CACHE) / "models--someone--oner-cached"  # conftest's temporary HF_HOME
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v1").write_text(commit)
+    try:
+        out = tmp_path / "from-hub"
+        assert main(tiny_args(pairs_dir, out, "--model_name_or_path", "someone/oner-cached", "--revision", "v1",
+                              "--max_steps", "1", "--objective", "itc", "--checkpointing_steps", "0")) == 0
+    finally:
+        shutil.rmtree(repo)
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["continued_from"] == "someone/oner-cached@v1" and summary["base_model"] == "someone/oner-cached"
+    card = (out / "README.md").read_text()
+    assert "base_model: someone/oner-cached" in card and "| continued from | someone/oner-cached@v1 |" in card
+
+
 def test_attention_dropout_is_the_one_field_a_loaded_model_may_change(tiny_model_dir):
     from oner.training.pretrained import check_agreement, load_pretrained, resolve_source, source_config
 
@@ -228,3 +255,28 @@ def test_revision_needs_a_model(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--revision", "v1"])
     assert exit_info.value.code == 2 and "give --model_name_or_path too" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error,message", [
+    ("RepositoryNotFoundError", "there is no Hub model someone/oner-gone (or it is private or gated"),
+    ("RevisionNotFoundError", "--revision v9: the Hub repository someone/oner-gone has no such branch, tag or commit"),
+    ("EntryNotFoundError", "someone/oner-gone at revision v9 has no config.json"),
+    ("LocalEntryNotFoundError", "cannot reach the Hub to download it"),
+])
+def test_hub_answers_become_clear_errors(monkeypatch, error, message):
+    """Online answers of the Hub client (no network here: its download function is replaced)."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    from oner.training.pretrained import SourceError, resolve_source
+
+    cls = getattr(errors, error)
+
+    def download(*args, **kwargs):
+        raise cls.__new__(cls)  # the HTTP errors need a real response to build; the class is what is read
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(SourceError, match="someone/oner-gone") as info:
+        resolve_source("someone/oner-gone", "v9")
+    assert message in str(info.value)

@@ -56,6 +56,11 @@ class Source:
         return f"{self.name}@{self.revision}" if self.revision else self.name
 
     @property
+    def load_from(self) -> str:
+        """What `from_pretrained` gets: the folder (with `~` expanded) or the Hub id."""
+        return str(Path(self.name).expanduser()) if self.local else self.name
+
+    @property
     def model_type(self) -> str | None:
         return self.config.get("model_type")
 
@@ -226,17 +231,16 @@ def load_pretrained(source: Source, architecture: str, attn_implementation: str 
         from modeling_oner import OneRModel as model_class
         from processing_oner import OneRProcessor as processor_class
     try:
-        model, info = model_class.from_pretrained(source.name, **kwargs)
+        model, info = model_class.from_pretrained(source.load_from, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise SourceError(f"--model_name_or_path {source.label}: cannot load the model ({e})") from None
-    missing = list(info.get("missing_keys") or [])
-    mismatched = list(info.get("mismatched_keys") or [])
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys") or []]  # (name, shapes)
     if missing or mismatched:
-        raise SourceError(f"--model_name_or_path {source.label}: its weights do not cover the model "
-                          f"(missing {missing[:5]}, wrong shape {[m[0] if isinstance(m, tuple) else m for m in mismatched[:5]]}); "
-                          "it would train from partly random weights")
+        raise SourceError(f"--model_name_or_path {source.label}: its weights do not cover the model (missing "
+                          f"{missing[:5]}, wrong shape {mismatched[:5]}); it would train from partly random weights")
     try:
-        processor = processor_class.from_pretrained(source.name, **where)
+        processor = processor_class.from_pretrained(source.load_from, **where)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SourceError(f"--model_name_or_path {source.label}: cannot load its processor ({e})") from None
     if architecture != "clip" and processor.image_size != model.config.image_size:
