@@ -49,9 +49,11 @@ def itc_loss(model, batch) -> float:
     """Symmetric InfoNCE of the model's own normalised embeddings and logit scale, written out."""
     model.eval()
     with torch.no_grad():
-        z_i = F.normalize(model.get_image_features(pixel_values=batch["pixel_values"]), dim=-1)
-        z_t = F.normalize(model.get_text_features(input_ids=batch["input_ids"],
-                                                  attention_mask=batch["attention_mask"]), dim=-1)
+        image = model.get_image_features(pixel_values=batch["pixel_values"])
+        text = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        # transformers 5 returns output objects from get_*_features (as CLIPModel does); 4.x tensors.
+        z_i = F.normalize(getattr(image, "pooler_output", image), dim=-1)
+        z_t = F.normalize(getattr(text, "pooler_output", text), dim=-1)
         logits = model.logit_scale.exp() * z_i @ z_t.t()
         labels = torch.arange(len(logits))
         return ((F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2).item()
