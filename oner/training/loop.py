@@ -25,6 +25,18 @@ from .checkpointing import (TrainState, check_checkpoint, list_checkpoints, load
                             save_checkpoint)
 from .data import StreamingPairs, make_dataloader, make_stream_loader, open_train_data
 from .runtime import choose_attn_implementation, choose_mixed_precision, configure_threads
+from .sharding import (
+    build_model_for_saving,
+    check_supported,
+    configure_deepspeed_clipping,
+    engine,
+    gathered_model_state_dict,
+    needs_vector_scalars,
+    parameter_value,
+    promote_scalar_parameters,
+    requested_engine,
+    weights_are_finite,
+)
 from .step import forward_backward
 from .tracking import PLOT_NAME, TrainingLog, format_eta, plot_loss_curve
 
@@ -287,6 +299,15 @@ def train(args) -> int:
     objective = Objective(objective_config(args)) if args.architecture == "oner" else Objective(
         ObjectiveConfig(weights={"itc": 1.0}, pairwise=args.pairwise_loss, local_loss=args.local_loss)
     )
+    # ---- sharding (FSDP / DeepSpeed, chosen by the accelerate config): see oner/training/sharding.py
+    unsupported = check_supported(accelerator, args) or configure_deepspeed_clipping(accelerator, args.max_grad_norm)
+    if unsupported:
+        raise UserError(f"{engine(accelerator)}: {unsupported}")
+    # What the final folder is built from; taken before `prepare` (FSDP2 changes the module's class).
+    model_class, model_config = type(model), model.config
+    n_params = sum(p.numel() for p in model.parameters())  # before FSDP leaves each process its shard
+    if needs_vector_scalars(accelerator):
+        promote_scalar_parameters(pretrainer)  # FSDP and DeepSpeed fail on 0-dim parameters (logit scale/bias)
     state = TrainState()
     optimizer = make_optimizer(pretrainer, args)
     scheduler = make_scheduler(optimizer, args, state)
@@ -325,13 +346,12 @@ def train(args) -> int:
     # ---- the loop
     budget = args.max_train_minutes * 60 if args.max_train_minutes else float("inf")
     global_batch = args.per_device_batch_size * args.accum_freq * accelerator.num_processes
-    n_params = sum(p.numel() for p in model.parameters())
     if args.model_name_or_path:
         accelerator.print(f"continuing from {args.source_model}: its weights and processor, a fresh optimizer and schedule")
     accelerator.print(
         f"training {args.architecture} ({args.preset}, {n_params / 1e6:.1f}M parameters) on "
         f"{'a stream of pairs' if streamed else f'{len(dataset)} pairs'} from {args.train_data}; {accelerator.num_processes} process(es), {global_batch} pairs per step, "
-        f"objective {args.objective}"
+        f"objective {args.objective}; engine {requested_engine(accelerator)}"
     )
     accelerator.print(f"compute: {accelerator.device}, {threads} torch thread(s) per process ({threads_reason}); "
                       f"mixed precision {args.mixed_precision} ({args.mixed_precision_reason}); "
@@ -377,6 +397,12 @@ def train(args) -> int:
             if not finite:
                 state.skipped_steps += 1
                 state.nonfinite_in_a_row += 1
+                if engine(accelerator) == "deepspeed":
+                    # DeepSpeed's engine stepped inside accelerator.backward: nothing left to skip.
+                    accelerator.print(f"step {state.step + 1}: non-finite loss or gradient, and DeepSpeed has "
+                                      "already applied the update: stopping")
+                    stop_reason = "nonfinite"
+                    break
                 accelerator.print(f"step {state.step + 1}: non-finite loss or gradient, step skipped "
                                   f"({state.nonfinite_in_a_row} in a row)")
                 if state.nonfinite_in_a_row >= args.max_nonfinite_steps:
@@ -428,12 +454,14 @@ def train(args) -> int:
     if args.checkpointing_steps and state.step % args.checkpointing_steps != 0:
         checkpoint(accelerator, pretrainer, args, state, epoch, dataloader if streamed else None)
     data_stats = data_stats_of_all_processes(accelerator, dataset.stats)
+    # Every process takes part in gathering the weights (FSDP shards them); the main process writes.
+    weights = gathered_model_state_dict(accelerator, pretrainer)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if not is_main:
         return 0
-    return finish(accelerator.unwrap_model(pretrainer).model, processor, args, state, dataset, log, global_batch,
-                  data_stats)
+    final_model = build_model_for_saving(model_class, model_config, weights)
+    return finish(final_model, processor, args, state, dataset, log, global_batch, data_stats)
 
 
 def data_stats_of_all_processes(accelerator, stats) -> dict[str, int]:
@@ -493,20 +521,29 @@ def timed(loader, timing: dict, batch_size: int):
 
 
 def optimisation_step(pretrainer, objective, micro_batches, accelerator, optimizer, scheduler, ema, args, poison):
-    """Forward, backward, NaN/inf check, clip, update, clamp: `(loss, parts, grad_norm, finite)`."""
+    """Forward, backward, NaN/inf check, clip, update, clamp: `(loss, parts, grad_norm, finite)`.
+
+    `grad_norm` is the global gradient norm before clipping (a tensor), or None when unknown.
+    """
     loss, parts = forward_backward(pretrainer, objective, micro_batches, accelerator, ema=ema, poison=poison)
-    params = [p for p in pretrainer.parameters() if p.grad is not None]
-    if args.max_grad_norm > 0:
-        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-    else:
-        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params]))
+    # The norm of the GLOBAL gradient, whatever the engine: accelerate routes the complete parameter
+    # list of a prepared model to FSDP's own clip_grad_norm_ (all shards; a filtered list would fall
+    # back to this process's shard), and an infinite max norm only measures (--max_grad_norm 0).
+    max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+    grad_norm = accelerator.clip_grad_norm_(list(pretrainer.parameters()), max_norm)
+    # DeepSpeed clips and steps inside accelerator.backward; accelerate then returns the norm its
+    # engine measured, or None. There is no gradient left to measure (ZeRO-2 has reduced and
+    # cleared it), so None counts as unknown and the loss check alone decides.
+    grad_finite = True if grad_norm is None else bool(torch.isfinite(torch.as_tensor(grad_norm)))
     # A rank whose loss is NaN poisons every rank's reduced gradients, so all ranks agree; the
     # loss flag is reduced anyway (with --local_loss each rank has its own loss).
-    bad = torch.tensor(float(not (torch.isfinite(loss) and torch.isfinite(grad_norm))), device=loss.device)
+    bad = torch.tensor(float(not (torch.isfinite(loss) and grad_finite)), device=loss.device)
     finite = accelerator.reduce(bad, reduction="sum").item() == 0
     if finite:
         optimizer.step()
         scheduler.step()
+        # In place on what this process holds: the whole parameter, its FSDP shard (possibly empty),
+        # or DeepSpeed's working copy (its fp32 master may exceed the bound; forwards never see it).
         clamp_logit_scale_(accelerator.unwrap_model(pretrainer).model.logit_scale)
     optimizer.zero_grad(set_to_none=True)
     return loss, parts, grad_norm, finite
@@ -524,8 +561,9 @@ def log_step(accelerator, log, state, loss, parts, grad_norm, scheduler, pretrai
     remaining = max(state.total_steps - state.step, 0) if state.total_steps else 0
     record.update(
         lr=scheduler.get_last_lr()[0],
-        grad_norm=float(grad_norm),
-        temperature=1.0 / float(accelerator.unwrap_model(pretrainer).model.logit_scale.detach().exp()),
+        grad_norm=None if grad_norm is None else float(grad_norm),
+        # a collective: under FSDP the logit scale lives in one process's shard
+        temperature=1.0 / math.exp(parameter_value(accelerator, accelerator.unwrap_model(pretrainer).model.logit_scale)),
         pairs_per_s=global_batch / per_step if per_step > 0 else 0.0,
         eta_s=remaining * per_step if state.total_steps or not math.isfinite(budget)
         else max(budget - state.train_seconds, 0.0),
@@ -536,15 +574,15 @@ def log_step(accelerator, log, state, loss, parts, grad_norm, scheduler, pretrai
         loader_pairs_per_s=data_timing["pairs"] / max(data_timing["seconds"], 1e-9),
         data_wait_fraction=data_timing["seconds"] / max(elapsed, 1e-9),
     )
-    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
+    accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=state.step)
     log.write(record)
     return record
 
 
 def checkpoint(accelerator, pretrainer, args, state, epoch, stream_loader=None) -> None:
-    """A resumable checkpoint; a stream's loader adds its position on every process."""
-    model = accelerator.unwrap_model(pretrainer)
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
+    """A resumable checkpoint; a stream's loader adds its position on every process. Every process
+    calls it: the finite check and `save_state` are collectives under sharding."""
+    if not weights_are_finite(accelerator, pretrainer):
         # Never reached (non-finite steps are skipped), but a NaN must never be checkpointed.
         raise RuntimeError("refusing to checkpoint non-finite weights")
     extra = {"epoch": epoch, "batches_seen": state.batches_seen, "num_processes": accelerator.num_processes,
