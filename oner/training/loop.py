@@ -376,7 +376,11 @@ def train(args) -> int:
             loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
             loader.set_epoch(epoch)
         epoch_batches = 0
-        for batch in timed(loader, data_timing, args.per_device_batch_size):
+        # Resuming mid-epoch (map-style data): the data loader's new iterator draws its worker seed from
+        # the global RNG that load_state just restored; the uninterrupted run drew it at the epoch's
+        # start, before the checkpoint. `keep_rng` undoes the extra draw so the objectives' randomness
+        # (CMC mosaic quadrants, MLM masks) continues exactly as without the interruption.
+        for batch in timed(loader, data_timing, args.per_device_batch_size, keep_rng=skip > 0):
             state.batches_seen += 1
             epoch_batches += 1
             if batch is None:  # every sample of the micro-batch was damaged
@@ -505,16 +509,23 @@ def batches_while_all_have_one(loader, accelerator):
         yield batch
 
 
-def timed(loader, timing: dict, batch_size: int):
+def timed(loader, timing: dict, batch_size: int, keep_rng: bool = False):
     """Iterate `loader`, adding the time spent waiting for each batch (loading, augmenting and
-    collating, when it happens in this process) to `timing["seconds"]` and its pairs to `timing["pairs"]`."""
+    collating, when it happens in this process) to `timing["seconds"]` and its pairs to `timing["pairs"]`.
+
+    `keep_rng`: the global CPU RNG after the first batch is what it was before the iteration started
+    (the DataLoader consumes one draw when it creates its iterator)."""
     iterator = iter(loader)
+    rng_state = torch.get_rng_state() if keep_rng else None
     while True:
         waited_from = time.monotonic()
         try:
             batch = next(iterator)
         except StopIteration:
             return
+        if rng_state is not None:
+            torch.set_rng_state(rng_state)
+            rng_state = None
         timing["seconds"] += time.monotonic() - waited_from
         timing["pairs"] += batch_size
         yield batch
