@@ -1,0 +1,345 @@
+"""Sharded (FSDP, DeepSpeed ZeRO-2) and multi-node training through accelerate, run on CPUs.
+
+- The configs in configs/accelerate/ go through accelerate's own launch parsing into its plugins.
+- FSDP: 2 gloo processes under accelerate's FSDP code path (tests/sharded_on_cpu.py explains why
+  and how it is forced on a machine without GPUs). The saved folder must hold the gathered model:
+  it loads with AutoModel, equals accelerate's own gathered checkpoint, gives the same embeddings,
+  and equals a DDP run of the same steps (which also proves the gradient norm clipped is global).
+  A resume from a mid-epoch checkpoint ends on the same weights.
+- DeepSpeed ZeRO-2: the same, where deepspeed is installed (it is not a test dependency).
+- Multi-node: two `accelerate launch` "machines" of one process each on 127.0.0.1.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import TINY, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "accelerate"
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+HARNESS = str(REPO / "tests" / "sharded_on_cpu.py")
+OVERRIDES = ",".join(f"{k}={v}" for k, v in TINY.items())
+STEPS = ["--max_steps", "3", "--checkpointing_steps", "2"]  # 3 batches per process and epoch: step 2 is mid-epoch
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    rows = []
+    for i in range(48):
+        Image.new("RGB", (24, 24), (i * 5, 255 - i * 5, (i * 37) % 256)).save(root / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"colour number {i} swatch"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def train_flags(data, out, *extra):
+    return [str(REPO / "train.py"), "--train_data", str(data), "--output_dir", str(out), "--config_overrides", OVERRIDES,
+            "--per_device_batch_size", "8", "--warmup_steps", "2", "--do_eval", "false", "--report_to", "none",
+            "--logging_steps", "1", "--mixed_precision", "no", *extra]
+
+
+def env():
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keeps a deepspeed found there
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def launch(launcher: list[str], data, out, *extra, harness: bool = False):
+    command = [ACCELERATE, "launch", *launcher, "--mixed_precision", "no", "--dynamo_backend", "no",
+               *([HARNESS] if harness else []), *train_flags(data, out, *extra)]
+    result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def cpu_fsdp_config(tmp_path: Path) -> Path:
+    """configs/accelerate/fsdp.yaml for 2 CPU processes: sync_module_states needs a GPU in accelerate."""
+    config = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text())
+    config["fsdp_config"]["fsdp_sync_module_states"] = False
+    path = tmp_path / "fsdp-cpu.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict, atol=1e-6):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].shape == b[name].shape, name
+        assert torch.allclose(a[name], b[name], atol=atol, rtol=0), name
+
+
+def log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "training_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(pairs_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1"], pairs_dir, out, *STEPS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(pairs_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    out = root / "run"
+    result = launch(["--config_file", str(cpu_fsdp_config(root)), "--num_processes", "2"], pairs_dir, out, *STEPS,
+                    harness=True)
+    return out, result
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _launch_env(name: str) -> tuple[SimpleNamespace, dict]:
+    """What `accelerate launch --config_file configs/accelerate/<name>.yaml` hands the processes."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / f"{name}.yaml"), "train.py"])
+    args, defaults, mp_from_config = _validate_launch_command(args)
+    if args.use_deepspeed:  # as accelerate's launch_command does before its deepspeed_launcher
+        args.deepspeed_fields_from_accelerate_config = ",".join(list(defaults.deepspeed_config) +
+                                                                (["mixed_precision"] if mp_from_config else []))
+        return args, prepare_deepspeed_cmd_env(args)[1]
+    return args, prepare_multi_gpu_env(args)
+
+
+def test_ddp_configs_launch_multi_gpu():
+    args, env_ = _launch_env("ddp")
+    assert args.multi_gpu and args.num_machines == 1 and env_["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    args, env_ = _launch_env("ddp_multinode")
+    assert args.multi_gpu and args.num_machines == 2 and args.num_processes == 16
+    assert args.main_process_port == 29500 and args.rdzv_backend == "static"
+
+
+def test_fsdp_config_shards_each_encoder_layer_and_saves_full_state_dicts(tiny_model):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import ShardingStrategy, StateDictType
+
+    from oner.objectives import ObjectiveConfig, OneRPretrainer
+
+    args, env_ = _launch_env("fsdp")
+    assert args.use_fsdp and env_["ACCELERATE_USE_FSDP"] == "true"
+    assert env_["FSDP_SYNC_MODULE_STATES"] == "true"  # on GPUs: every rank starts from rank 0's weights
+    # accelerate's plugin refuses sync_module_states without a GPU device: checked above, off here.
+    with mock.patch.dict(os.environ, {**env_, "FSDP_SYNC_MODULE_STATES": "false"}):
+        plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 1 and plugin.use_orig_params
+    assert plugin.sharding_strategy == ShardingStrategy.FULL_SHARD
+    assert plugin.state_dict_type == StateDictType.FULL_STATE_DICT
+    assert plugin.transformer_cls_names_to_wrap == ["OneREncoderLayer"]
+    plugin.set_auto_wrap_policy(OneRPretrainer(tiny_model, ObjectiveConfig()))  # raises if the class is not in the model
+    assert plugin.auto_wrap_policy is not None
+
+
+def test_deepspeed_config_is_zero2_and_takes_max_grad_norm():
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    from oner.training.sharding import check_supported, configure_deepspeed_clipping
+
+    args, env_ = _launch_env("deepspeed_zero2")
+    assert args.use_deepspeed and args.zero_stage == 2
+    with mock.patch.dict(os.environ, env_):
+        plugin = DeepSpeedPlugin()
+    config = plugin.deepspeed_config
+    assert config["zero_optimization"]["stage"] == 2 and config["gradient_accumulation_steps"] == 1
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "none"
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin))
+    assert configure_deepspeed_clipping(accelerator, 0.5) is None and config["gradient_clipping"] == 0.5
+    assert "make them agree" in configure_deepspeed_clipping(accelerator, 1.0)
+    assert "--accum_freq" in check_supported(accelerator, SimpleNamespace(accum_freq=2, momentum=0.0))
+    assert check_supported(accelerator, SimpleNamespace(accum_freq=1, momentum=0.9)) is None
+
+
+# --------------------------------------------------------------------------- helpers, in process
+
+
+def test_scalar_parameters_are_promoted_and_saved_with_the_models_shapes(tiny_model, tiny_config):
+    from modeling_oner import OneRModel
+    from oner.objectives import ObjectiveConfig, OneRPretrainer
+    from oner.training.sharding import build_model_for_saving, promote_scalar_parameters
+
+    pretrainer = OneRPretrainer(tiny_model, ObjectiveConfig(weights={"xmc": 1.0}, pairwise="sigmoid"))
+    assert set(promote_scalar_parameters(pretrainer)) == {"model.logit_scale", "model.logit_bias"}
+    assert pretrainer.model.logit_scale.shape == (1,) and pretrainer.model.logit_scale.requires_grad
+    state = {k[len("model."):]: v for k, v in pretrainer.state_dict().items() if k.startswith("model.")}
+    saved = build_model_for_saving(OneRModel, tiny_config, state)
+    assert saved.logit_scale.shape == () and saved.logit_bias.shape == ()
+    assert_same_weights({k: v.reshape(saved.state_dict()[k].shape) for k, v in state.items()}, saved.state_dict(), atol=0)
+
+    # What a rank-0-only save of FSDP shards would hand over: refused, naming the tensor.
+    partial = dict(state)
+    partial["encoder.layers.0.mlp.fc1.weight"] = partial["encoder.layers.0.mlp.fc1.weight"].flatten()[:100]
+    with pytest.raises(RuntimeError, match="wrong shapes.*fc1.weight"):
+        build_model_for_saving(OneRModel, tiny_config, partial)
+    del partial["encoder.layers.0.mlp.fc1.weight"]
+    with pytest.raises(RuntimeError, match="missing.*fc1.weight"):
+        build_model_for_saving(OneRModel, tiny_config, partial)
+
+
+def test_a_missing_gradient_norm_leaves_the_decision_to_the_loss(tiny_model, tiny_processor, monkeypatch):
+    """DeepSpeed's clip_grad_norm_ may return None: the step is judged by its loss alone."""
+    from accelerate import Accelerator
+
+    from oner.objectives import Objective, ObjectiveConfig, OneRPretrainer
+    from oner.training.loop import optimisation_step
+
+    accelerator = Accelerator(cpu=True)
+    config = ObjectiveConfig(weights={"xmc": 1.0})
+    pretrainer = OneRPretrainer(tiny_model, config).train()
+    optimizer = torch.optim.SGD(pretrainer.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    monkeypatch.setattr(accelerator, "clip_grad_norm_", lambda params, max_norm: None)
+    texts = ["a red apple", "green frog", "blue whale", "snowman"]
+    images = [Image.new("RGB", (20, 20), c) for c in ("red", "green", "blue", "white")]
+    batch = dict(tiny_processor(text=texts, images=images, return_tensors="pt"))
+    args = SimpleNamespace(max_grad_norm=1.0)
+    before = tiny_model.head.proj.weight.detach().clone()
+
+    loss, _, grad_norm, finite = optimisation_step(pretrainer, Objective(config), [batch], accelerator, optimizer,
+                                                   scheduler, None, args, poison=False)
+    assert grad_norm is None and finite and torch.isfinite(loss)
+    assert not torch.equal(before, tiny_model.head.proj.weight)  # the update happened
+    after = tiny_model.head.proj.weight.detach().clone()
+    _, _, grad_norm, finite = optimisation_step(pretrainer, Objective(config), [batch], accelerator, optimizer,
+                                                scheduler, None, args, poison=True)
+    assert grad_norm is None and not finite
+    assert torch.equal(after, tiny_model.head.proj.weight)  # skipped
+
+
+# --------------------------------------------------------------------------- 2 processes
+
+
+@pytest.mark.slow
+def test_fsdp_run_saves_the_gathered_model(fsdp_run, tiny_processor):
+    from transformers import AutoModel
+
+    from modeling_oner import OneRModel
+
+    out, result = fsdp_run
+    assert "sharded_on_cpu: FSDP1 forced" in result.stderr
+    assert "2 process(es), 16 pairs per step" in result.stdout and "engine fsdp1" in result.stdout
+    checkpoint = out / "checkpoints" / "checkpoint-3"
+    assert (checkpoint / "pytorch_model_fsdp.bin").is_file()  # accelerate's FSDP save (FULL_STATE_DICT)
+    # accelerate's own gathered checkpoint of the last step, without the pretrainer's prefix
+    gathered = torch.load(checkpoint / "pytorch_model_fsdp.bin", map_location="cpu")
+    expected = {k[len("model."):]: v for k, v in gathered.items() if k.startswith("model.")}
+    saved = weights(out)
+    assert_same_weights(saved, {k: v.reshape(saved[k].shape) for k, v in expected.items()}, atol=0)
+    assert saved["logit_scale"].shape == ()  # the model's own shape, not FSDP's 1-element vector
+
+    loaded = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    reference = OneRModel(loaded.config).eval()
+    reference.load_state_dict({k: v.reshape(reference.state_dict()[k].shape) for k, v in expected.items()})
+    texts = ["colour number 3 swatch", "colour number 40 swatch"]
+    images = [Image.new("RGB", (24, 24), (15, 240, 111)), Image.new("RGB", (24, 24), (200, 55, 56))]
+    inputs = tiny_processor(text=texts, images=images, return_tensors="pt")
+    with torch.no_grad():
+        for method, kwargs in (("get_image_features", {"pixel_values": inputs["pixel_values"]}),
+                               ("get_text_features", {"input_ids": inputs["input_ids"],
+                                                      "attention_mask": inputs["attention_mask"]})):
+            a, b = getattr(loaded, method)(**kwargs), getattr(reference, method)(**kwargs)
+            a, b = getattr(a, "pooler_output", a), getattr(b, "pooler_output", b)
+            assert torch.allclose(a, b, atol=1e-6), method
+
+
+@pytest.mark.slow
+def test_fsdp_trains_exactly_like_ddp(fsdp_run, ddp_run):
+    out, _ = fsdp_run
+    assert_same_weights(weights(out), weights(ddp_run))
+    # the same global gradient norms (before clipping at 1.0: each step was clipped) and temperatures
+    for a, b in zip(log(out), log(ddp_run), strict=True):
+        assert a["grad_norm"] > 1.0
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert a["temperature"] == pytest.approx(b["temperature"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_mid_epoch_to_the_same_weights(fsdp_run, pairs_dir, tmp_path):
+    out, _ = fsdp_run
+    resumed = tmp_path / "resumed"
+    result = launch(["--config_file", str(cpu_fsdp_config(tmp_path)), "--num_processes", "2"], pairs_dir, resumed,
+                    *STEPS, "--resume_from_checkpoint", str(out / "checkpoints" / "checkpoint-2"), harness=True)
+    assert "resumed from" in result.stdout and "at step 2 (2 batches seen)" in result.stdout
+    assert_same_weights(weights(out), weights(resumed))
+    assert [r["loss"] for r in log(resumed)] == [r["loss"] for r in log(out)][2:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                    reason="deepspeed is not installed: it is no test dependency (a ~45 s source build, "
+                           "`pip install --no-build-isolation deepspeed` to keep the CPU torch); "
+                           "configs/accelerate/deepspeed_zero2.yaml is still checked by "
+                           "test_deepspeed_config_is_zero2_and_takes_max_grad_norm")
+def test_deepspeed_zero2_run_matches_ddp(ddp_run, pairs_dir, tmp_path):
+    out = tmp_path / "ds"
+    result = launch(["--config_file", str(CONFIGS / "deepspeed_zero2.yaml"), "--num_processes", "2"], pairs_dir, out,
+                    *STEPS, harness=True)
+    assert "engine deepspeed" in result.stdout
+    checkpoint = out / "checkpoints" / "checkpoint-3" / "pytorch_model"
+    assert {p.name for p in checkpoint.glob("zero_pp_rank_*_optim_states.pt")} == {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    assert_same_weights(weights(out), weights(ddp_run))
+    assert [r["grad_norm"] for r in log(out)] == pytest.approx([r["grad_norm"] for r in log(ddp_run)], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- 2 machines
+
+
+@pytest.mark.slow
+def test_two_machines_on_localhost_train_one_model(pairs_dir, tmp_path):
+    """docs/training.md's multi-node command, with 2 "machines" of 1 process each on 127.0.0.1."""
+    from transformers import AutoModel
+
+    out, port = tmp_path / "two-machines", free_port()
+    machines = []
+    for rank in (0, 1):
+        command = [ACCELERATE, "launch", "--config_file", str(CONFIGS / "ddp_multinode.yaml"), "--num_processes", "2",
+                   "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                   "--mixed_precision", "no", "--dynamo_backend", "no", *train_flags(pairs_dir, out, *STEPS)]
+        machines.append(subprocess.Popen(command, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [m.communicate(timeout=240) for m in machines]
+    finally:
+        for m in machines:
+            if m.poll() is None:
+                m.kill()
+    for m, (stdout, stderr) in zip(machines, outputs):
+        assert m.returncode == 0, stdout[-2000:] + stderr[-4000:]
+        # each machine's first process reports the whole run: 2 processes, twice the per-device batch
+        assert "2 process(es), 16 pairs per step" in stdout
+    assert "model folder" in outputs[0][0] and "model folder" not in outputs[1][0]  # one writer
+    checkpoint = out / "checkpoints" / "checkpoint-3"
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["global_batch_size"] == 16 and summary["steps"] == 3
+    assert AutoModel.from_pretrained(out, trust_remote_code=True).config.hidden_size == TINY["hidden_size"]
