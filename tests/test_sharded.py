@@ -1,7 +1,7 @@
 """Sharded (FSDP, DeepSpeed ZeRO-2) and multi-node training through accelerate, run on CPUs.
 
 - The configs in configs/accelerate/ go through accelerate's own launch parsing into its plugins.
-- FSDP: 2 gloo processes under accelerate's FSDP code path (tests/sharded_on_cpu.py explains why
+- FSDP2 and FSDP1: 2 gloo processes under accelerate's FSDP code path (tests/sharded_on_cpu.py explains why
   and how it is forced on a machine without GPUs). The saved folder must hold the gathered model:
   it loads with AutoModel, equals accelerate's own gathered checkpoint, gives the same embeddings,
   and equals a DDP run of the same steps (which also proves the gradient norm clipped is global).
@@ -76,11 +76,11 @@ def launch(launcher: list[str], data, out, *extra, harness: bool = False):
     return result
 
 
-def cpu_fsdp_config(tmp_path: Path) -> Path:
-    """configs/accelerate/fsdp.yaml for 2 CPU processes: sync_module_states needs a GPU in accelerate."""
-    config = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text())
+def cpu_fsdp_config(tmp_path: Path, name: str) -> Path:
+    """configs/accelerate/<name>.yaml for CPU processes: sync_module_states needs a GPU in accelerate."""
+    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     config["fsdp_config"]["fsdp_sync_module_states"] = False
-    path = tmp_path / "fsdp-cpu.yaml"
+    path = tmp_path / f"{name}-cpu.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -107,13 +107,18 @@ def ddp_run(pairs_dir, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def fsdp_run(pairs_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsdp")
+# FSDP2 (fully_shard: DTensor shards) and FSDP1 (FullyShardedDataParallel: flat-parameter shards)
+FSDP_CONFIGS = {"fsdp": 2, "fsdp1": 1}
+
+
+@pytest.fixture(scope="module", params=sorted(FSDP_CONFIGS))
+def fsdp_run(request, pairs_dir, tmp_path_factory):
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
     out = root / "run"
-    result = launch(["--config_file", str(cpu_fsdp_config(root)), "--num_processes", "2"], pairs_dir, out, *STEPS,
-                    harness=True)
-    return out, result
+    result = launch(["--config_file", str(cpu_fsdp_config(root, name)), "--num_processes", "2"], pairs_dir, out,
+                    *STEPS, harness=True)
+    return out, result, name
 
 
 # --------------------------------------------------------------------------- configs
@@ -141,20 +146,25 @@ def test_ddp_configs_launch_multi_gpu():
     assert args.main_process_port == 29500 and args.rdzv_backend == "static"
 
 
-def test_fsdp_config_shards_each_encoder_layer_and_saves_full_state_dicts(tiny_model):
+@pytest.mark.parametrize("name", sorted(FSDP_CONFIGS))
+def test_fsdp_configs_shard_each_encoder_layer_and_save_full_state_dicts(name, tiny_model):
     from accelerate.utils import FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import ShardingStrategy, StateDictType
 
     from oner.objectives import ObjectiveConfig, OneRPretrainer
 
-    args, env_ = _launch_env("fsdp")
+    args, env_ = _launch_env(name)
     assert args.use_fsdp and env_["ACCELERATE_USE_FSDP"] == "true"
-    assert env_["FSDP_SYNC_MODULE_STATES"] == "true"  # on GPUs: every rank starts from rank 0's weights
-    # accelerate's plugin refuses sync_module_states without a GPU device: checked above, off here.
+    # accelerate's plugin refuses sync_module_states (fsdp1.yaml: every rank starts from rank 0's
+    # weights) without a GPU device: off here.
     with mock.patch.dict(os.environ, {**env_, "FSDP_SYNC_MODULE_STATES": "false"}):
         plugin = FullyShardedDataParallelPlugin()
-    assert plugin.fsdp_version == 1 and plugin.use_orig_params
-    assert plugin.sharding_strategy == ShardingStrategy.FULL_SHARD
+    assert plugin.fsdp_version == FSDP_CONFIGS[name]
+    if plugin.fsdp_version == 1:
+        assert env_["FSDP_SYNC_MODULE_STATES"] == "true" and plugin.use_orig_params
+        assert plugin.sharding_strategy == ShardingStrategy.FULL_SHARD
+    else:
+        assert plugin.reshard_after_forward is True  # full shard
     assert plugin.state_dict_type == StateDictType.FULL_STATE_DICT
     assert plugin.transformer_cls_names_to_wrap == ["OneREncoderLayer"]
     plugin.set_auto_wrap_policy(OneRPretrainer(tiny_model, ObjectiveConfig()))  # raises if the class is not in the model
@@ -245,9 +255,10 @@ def test_fsdp_run_saves_the_gathered_model(fsdp_run, tiny_processor):
 
     from modeling_oner import OneRModel
 
-    out, result = fsdp_run
-    assert "sharded_on_cpu: FSDP1 forced" in result.stderr
-    assert "2 process(es), 16 pairs per step" in result.stdout and "engine fsdp1" in result.stdout
+    out, result, name = fsdp_run
+    version = FSDP_CONFIGS[name]
+    assert f"sharded_on_cpu: FSDP{version} forced" in result.stderr
+    assert "2 process(es), 16 pairs per step" in result.stdout and f"engine fsdp{version}" in result.stdout
     checkpoint = out / "checkpoints" / "checkpoint-3"
     assert (checkpoint / "pytorch_model_fsdp.bin").is_file()  # accelerate's FSDP save (FULL_STATE_DICT)
     # accelerate's own gathered checkpoint of the last step, without the pretrainer's prefix
@@ -274,8 +285,8 @@ def test_fsdp_run_saves_the_gathered_model(fsdp_run, tiny_processor):
 
 @pytest.mark.slow
 def test_fsdp_trains_exactly_like_ddp(fsdp_run, ddp_run):
-    out, _ = fsdp_run
-    assert_same_weights(weights(out), weights(ddp_run))
+    out, _, _ = fsdp_run
+    assert_same_weights(weights(out), weights(ddp_run), atol=1e-6)  # up to the order of float sums
     # the same global gradient norms (before clipping at 1.0: each step was clipped) and temperatures
     for a, b in zip(log(out), log(ddp_run), strict=True):
         assert a["grad_norm"] > 1.0
@@ -285,9 +296,9 @@ def test_fsdp_trains_exactly_like_ddp(fsdp_run, ddp_run):
 
 @pytest.mark.slow
 def test_fsdp_resumes_mid_epoch_to_the_same_weights(fsdp_run, pairs_dir, tmp_path):
-    out, _ = fsdp_run
+    out, _, name = fsdp_run
     resumed = tmp_path / "resumed"
-    result = launch(["--config_file", str(cpu_fsdp_config(tmp_path)), "--num_processes", "2"], pairs_dir, resumed,
+    result = launch(["--config_file", str(cpu_fsdp_config(tmp_path, name)), "--num_processes", "2"], pairs_dir, resumed,
                     *STEPS, "--resume_from_checkpoint", str(out / "checkpoints" / "checkpoint-2"), harness=True)
     assert "resumed from" in result.stdout and "at step 2 (2 batches seen)" in result.stdout
     assert_same_weights(weights(out), weights(resumed))
