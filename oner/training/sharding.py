@@ -16,7 +16,8 @@ holds only a part of them. This module makes those four places correct for every
   across processes; no gathering needed, since the shards together cover every weight.
 - **Logged values of one parameter** (`parameter_value`, e.g. the logit scale for the temperature):
   under FSDP1 a parameter lives on the process whose shard holds it (the others see an empty view);
-  each process contributes what it holds and the values are averaged over the holders.
+  each process contributes what it holds and the values are averaged over the holders (FSDP2's
+  DTensor gives the full value to every process).
 - **Scalar parameters** (`promote_scalar_parameters`): FSDP (both `FullyShardedDataParallel` and
   `fully_shard`) refuses 0-dimensional parameters ("FSDP doesn't support scalar parameters. Change
   model.logit_scale to a 1D tensor with numel equal to 1"), and DeepSpeed's engine fails on them
@@ -59,7 +60,8 @@ def needs_vector_scalars(accelerator) -> bool:
 
 
 def requested_engine(accelerator) -> str:
-    """Like `engine`, and says when the launcher asked for FSDP/DeepSpeed that accelerate did not turn on.
+    """`engine` for the run's first line ("single process" for one), and whether the launcher asked
+    for FSDP/DeepSpeed that accelerate did not turn on.
 
     accelerate 1.x enables FSDP and DeepSpeed only for accelerator devices: on a machine without one
     (`Accelerator(cpu=True)`, MULTI_CPU) an FSDP or DeepSpeed config file silently gives DDP over gloo.
@@ -67,11 +69,12 @@ def requested_engine(accelerator) -> str:
     import os
 
     actual = engine(accelerator)
+    shown = "single process" if actual == "ddp" and accelerator.num_processes == 1 else actual
     for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         if os.environ.get(flag, "false").lower() == "true" and actual == "ddp":
-            return (f"ddp ({name} was requested, but accelerate runs {name} only on GPUs/accelerator devices; "
-                    f"this {accelerator.device.type} run uses DDP)")
-    return actual
+            return (f"{shown} ({name} was requested, but accelerate runs {name} only on GPUs/accelerator devices; "
+                    f"this {accelerator.device.type} run does without)")
+    return shown
 
 
 def promote_scalar_parameters(module: nn.Module) -> list[str]:
