@@ -298,3 +298,42 @@ def test_stream_position_inside_loader_workers_resumes_exactly(shards):
     again = loader()
     again.load_state_dict(first.state_dict())
     assert head + keys(again) == whole and len(whole) == 40  # 1280 pairs, none lost or repeated
+
+
+@pytest.mark.slow
+def test_stream_resumed_mid_epoch_ends_on_the_weights_of_an_uninterrupted_run(shards, tmp_path, monkeypatch):
+    """Position, shuffle buffer, augmentation and the objectives' randomness all continue exactly."""
+    from accelerate.state import AcceleratorState, GradientState
+    from safetensors.torch import load_file
+
+    import oner.training.loop as loop
+
+    folder, _ = shards
+    data = f"{folder}/{{00000..00003}}.tar"
+    flags = ["--max_steps", "12", "--checkpointing_steps", "5", "--per_device_batch_size", "32"]
+
+    def run(out, *extra, stop_after=None):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        real_step, steps = loop.optimisation_step, []
+
+        def step(*args, **kwargs):
+            if stop_after is not None and len(steps) == stop_after:
+                raise KeyboardInterrupt  # the crash, after checkpoint-5, before step 7's update
+            steps.append(1)
+            return real_step(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "optimisation_step", step)
+        try:
+            return loop.main(train_flags(data, out, *flags, *extra))
+        except KeyboardInterrupt:
+            return None
+        finally:
+            monkeypatch.setattr(loop, "optimisation_step", real_step)
+
+    assert run(tmp_path / "whole") == 0
+    assert run(tmp_path / "cut", stop_after=6) is None
+    assert run(tmp_path / "cut", "--resume_from_checkpoint", "latest") == 0
+    whole, cut = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    for name in whole:
+        assert torch.equal(whole[name], cut[name]), name

@@ -365,6 +365,7 @@ def train(args) -> int:
         epoch, skip = (check_checkpoint(resume)["epoch"] if resume is not None else 0), 0
     else:
         epoch, skip = divmod(state.batches_seen, batches_per_epoch)
+    mid_epoch = resume is not None and (streamed or skip > 0)
     pending: list[dict] = []
     stop_reason, timer = None, None
     pretrainer.train()
@@ -376,11 +377,11 @@ def train(args) -> int:
             loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
             loader.set_epoch(epoch)
         epoch_batches = 0
-        # Resuming mid-epoch (map-style data): the data loader's new iterator draws its worker seed from
-        # the global RNG that load_state just restored; the uninterrupted run drew it at the epoch's
-        # start, before the checkpoint. `keep_rng` undoes the extra draw so the objectives' randomness
-        # (CMC mosaic quadrants, MLM masks) continues exactly as without the interruption.
-        for batch in timed(loader, data_timing, args.per_device_batch_size, keep_rng=skip > 0):
+        # Resuming mid-epoch: the data loader's new iterator draws its worker seed from the global RNG
+        # that load_state just restored; the uninterrupted run drew it at the epoch's start, before
+        # the checkpoint. `keep_rng` undoes the extra draw so the objectives' randomness (CMC mosaic
+        # quadrants, MLM masks) continues exactly as without the interruption.
+        for batch in timed(loader, data_timing, args.per_device_batch_size, keep_rng=mid_epoch):
             state.batches_seen += 1
             epoch_batches += 1
             if batch is None:  # every sample of the micro-batch was damaged
@@ -442,7 +443,7 @@ def train(args) -> int:
             if streamed and epoch_batches == 0:
                 raise UserError(f"{args.train_data}: an epoch of the stream gave process {accelerator.process_index} "
                                 f"no full batch of {args.per_device_batch_size} pairs ({dataset.stats.summary()})")
-            epoch, skip = epoch + 1, 0
+            epoch, skip, mid_epoch = epoch + 1, 0, False
             if streamed and args.num_train_epochs and epoch >= args.num_train_epochs:
                 stop_reason = "epochs"
     bar.close()
