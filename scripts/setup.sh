@@ -23,4 +23,9 @@ fi
 # pulls torchvision) resolves to a multi-GB CUDA build.
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/pip install -q --disable-pip-version-check -e ".[${extras}]"
+if [[ "$extras" == "test" ]]; then
+    # DeepSpeed for its CPU test (tests/test_sharded.py): a source build (about 45 s); without build
+    # isolation it builds against the CPU torch above instead of downloading a CUDA one.
+    .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation "deepspeed==0.19.8"
+fi
 echo "setup: ready (.venv, extras: ${extras})"
