@@ -71,8 +71,7 @@ def bare_step(train_argv: list[str], repeats: int, calls: int) -> dict:
     pretrainer.train()
 
     def step():
-        return optimisation_step(pretrainer, objective, [batch], accelerator, optimizer, scheduler, None, args,
-                                 poison=False)
+        return optimisation_step(pretrainer, objective, [batch], accelerator, optimizer, scheduler, None, args)
 
     for _ in range(2):
         step()

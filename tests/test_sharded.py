@@ -216,6 +216,15 @@ def test_scalar_parameters_are_promoted_and_saved_with_the_models_shapes(tiny_mo
         build_model_for_saving(OneRModel, tiny_config, partial)
 
 
+def nan_loss(objective):
+    """`objective` with its loss multiplied by NaN: a step the guard must skip."""
+    def call(*args, **kwargs):
+        loss, parts = objective(*args, **kwargs)
+        return loss * float("nan"), parts
+
+    return call
+
+
 def test_a_missing_gradient_norm_leaves_the_decision_to_the_loss(tiny_model, tiny_processor, monkeypatch):
     """DeepSpeed's clip_grad_norm_ may return None: the step is judged by its loss alone."""
     from accelerate import Accelerator
@@ -236,12 +245,12 @@ def test_a_missing_gradient_norm_leaves_the_decision_to_the_loss(tiny_model, tin
     before = tiny_model.head.proj.weight.detach().clone()
 
     loss, _, grad_norm, finite = optimisation_step(pretrainer, Objective(config), [batch], accelerator, optimizer,
-                                                   scheduler, None, args, poison=False)
+                                                   scheduler, None, args)
     assert grad_norm is None and finite and torch.isfinite(loss)
     assert not torch.equal(before, tiny_model.head.proj.weight)  # the update happened
     after = tiny_model.head.proj.weight.detach().clone()
-    _, _, grad_norm, finite = optimisation_step(pretrainer, Objective(config), [batch], accelerator, optimizer,
-                                                scheduler, None, args, poison=True)
+    _, _, grad_norm, finite = optimisation_step(pretrainer, nan_loss(Objective(config)), [batch], accelerator,
+                                                optimizer, scheduler, None, args)
     assert grad_norm is None and not finite
     assert torch.equal(after, tiny_model.head.proj.weight)  # skipped
 

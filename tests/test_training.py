@@ -160,22 +160,36 @@ def test_feature_cached_accumulation_equals_one_big_batch(tiny_config, tiny_proc
 # --------------------------------------------------------------------------- runs in process
 
 
-def test_nan_steps_are_skipped_and_never_checkpointed(pairs_dir, tmp_path):
+def nan_losses_on(monkeypatch, attempts: set[int]) -> None:
+    """Make the objective's loss NaN on these attempted steps (1-based; one objective call a step)."""
+    from oner.objectives import Objective
+
+    real_call, calls = Objective.__call__, []
+
+    def call(self, *args, **kwargs):
+        calls.append(1)
+        loss, parts = real_call(self, *args, **kwargs)
+        return (loss * float("nan"), parts) if len(calls) in attempts else (loss, parts)
+
+    monkeypatch.setattr(Objective, "__call__", call)
+
+
+def test_nan_steps_are_skipped_and_never_checkpointed(pairs_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from oner.training import main
 
     out = tmp_path / "run"
-    rc = main(tiny_args(pairs_dir, out, "--max_steps", "6", "--inject_nan_steps", "3",
-                        "--checkpointing_steps", "3"))
+    nan_losses_on(monkeypatch, {3})
+    rc = main(tiny_args(pairs_dir, out, "--max_steps", "6", "--checkpointing_steps", "3"))
     assert rc == 0
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["steps"] == 6 and summary["skipped_steps"] == 1
     assert all(torch.isfinite(t).all() for t in load_file(out / "model.safetensors").values())
 
     out = tmp_path / "stops"
-    rc = main(tiny_args(pairs_dir, out, "--max_steps", "8", "--inject_nan_steps", "3,4,5",
-                        "--max_nonfinite_steps", "3", "--checkpointing_steps", "2"))
+    nan_losses_on(monkeypatch, {3, 4, 5})
+    rc = main(tiny_args(pairs_dir, out, "--max_steps", "8", "--max_nonfinite_steps", "3", "--checkpointing_steps", "2"))
     assert rc == 3
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-2"]  # nothing saved after the NaN steps began

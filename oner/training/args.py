@@ -129,7 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--gradient_checkpointing", False, "recompute activations in the backward pass (less memory, ~30%% slower)")
     g.add_argument("--max_nonfinite_steps", type=int, default=5,
                    help="stop after this many consecutive steps with a NaN/inf loss or gradient (each is skipped)")
-    g.add_argument("--inject_nan_steps", default="", help=argparse.SUPPRESS)  # testing aid: "3,4" poisons the loss of the 3rd and 4th attempted steps
 
     g = p.add_argument_group("checkpoints and tracking")
     g.add_argument("--checkpointing_steps", type=int, default=100, help="save a resumable checkpoint every N steps; 0 = never")
@@ -266,10 +265,6 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         args.model_overrides = parse_overrides(args.config_overrides)
     except ValueError as e:
         parser.error(f"--config_overrides: {e}")
-    try:
-        args.inject_nan_steps = {int(s) for s in str(args.inject_nan_steps).split(",") if s.strip()}
-    except ValueError:
-        parser.error("--inject_nan_steps takes comma-separated step numbers")
 
 
 def parse_overrides(text: str | None) -> dict:

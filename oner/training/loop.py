@@ -395,8 +395,7 @@ def train(args) -> int:
             if len(pending) < args.accum_freq:
                 continue
             loss, parts, grad_norm, finite = optimisation_step(
-                pretrainer, objective, pending, accelerator, optimizer, scheduler, ema, args,
-                poison=(state.step + state.skipped_steps + 1) in args.inject_nan_steps,  # counts attempts
+                pretrainer, objective, pending, accelerator, optimizer, scheduler, ema, args
             )
             pending = []
             if not finite:
@@ -532,12 +531,12 @@ def timed(loader, timing: dict, batch_size: int, keep_rng: bool = False):
         yield batch
 
 
-def optimisation_step(pretrainer, objective, micro_batches, accelerator, optimizer, scheduler, ema, args, poison):
+def optimisation_step(pretrainer, objective, micro_batches, accelerator, optimizer, scheduler, ema, args):
     """Forward, backward, NaN/inf check, clip, update, clamp: `(loss, parts, grad_norm, finite)`.
 
     `grad_norm` is the global gradient norm before clipping (a tensor), or None when unknown.
     """
-    loss, parts = forward_backward(pretrainer, objective, micro_batches, accelerator, ema=ema, poison=poison)
+    loss, parts = forward_backward(pretrainer, objective, micro_batches, accelerator, ema=ema)
     # The norm of the GLOBAL gradient, whatever the engine: accelerate routes the complete parameter
     # list of a prepared model to FSDP's own clip_grad_norm_ (all shards; a filtered list would fall
     # back to this process's shard), and an infinite max norm only measures (--max_grad_norm 0).

@@ -56,7 +56,7 @@ def _targets(ema, batch, accelerator):
 
 
 def forward_backward(
-    model, objective: Objective, micro_batches: list[dict], accelerator, ema=None, poison: bool = False
+    model, objective: Objective, micro_batches: list[dict], accelerator, ema=None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward and backward of one step over `micro_batches` (one or more); returns the loss and its terms.
 
@@ -64,7 +64,6 @@ def forward_backward(
         model: the (accelerate-prepared) [`OneRPretrainer`] or CLIP wrapper.
         micro_batches: dicts of tensors; with more than one, features are cached (see module doc).
         ema: optional [`EMATarget`] producing the mixup targets.
-        poison: multiply the loss by NaN (the NaN-guard test hook).
 
     Returns:
         `(loss, parts)`: the detached total loss of the whole step and each term's value.
@@ -75,14 +74,12 @@ def forward_backward(
         batch = micro_batches[0]
         features = model(**batch)
         loss, parts = objective(features, _targets(ema, batch, accelerator))
-        if poison:
-            loss = loss * float("nan")
         accelerator.backward(loss)
         return loss.detach(), {k: v.detach() for k, v in parts.items()}
-    return _cached_forward_backward(model, objective, micro_batches, accelerator, ema, poison)
+    return _cached_forward_backward(model, objective, micro_batches, accelerator, ema)
 
 
-def _cached_forward_backward(model, objective, micro_batches, accelerator, ema, poison):
+def _cached_forward_backward(model, objective, micro_batches, accelerator, ema):
     device = micro_batches[0]["input_ids"].device
     # 1. features of every micro-batch, no graph kept.
     rand_states, cached, targets = [], [], []
@@ -110,15 +107,11 @@ def _cached_forward_backward(model, objective, micro_batches, accelerator, ema, 
         mlm_sum = sum(c["mlm_sum"] for c in cached)
         parts["mlm"] = mlm_sum / mlm_count
         loss = loss + objective.mlm_loss(mlm_sum, mlm_count)
-    if poison:
-        loss = loss * float("nan")
     contrastive = sum(weight * parts[name] for name, weight in objective.config.weights.items()
                       if name in parts and name != "mlm")
     differentiable = {k: v for k, v in leaves.items() if v.requires_grad}
     grads = torch.autograd.grad(contrastive, list(differentiable.values()), allow_unused=True) if differentiable else []
     grads = {k: (g if g is not None else torch.zeros_like(differentiable[k])) for k, g in zip(differentiable, grads)}
-    if poison:
-        grads = {k: g * float("nan") for k, g in grads.items()}
 
     # 3. re-encode each micro-batch with gradient and push the cached gradients through it.
     offset = dict.fromkeys(keys, 0)
