@@ -66,9 +66,9 @@ class Trainer:
         if kind == "clip":
             from transformers import CLIPModel
 
-            from oner.baseline import CLIPPretrainer, clip_config_for
+            from oner.baseline import CLIPAsOneR, CLIPPretrainer, clip_config_for
 
-            self.model = CLIPModel(clip_config_for(cfg))
+            self.model = CLIPAsOneR(CLIPModel(clip_config_for(cfg)))
             self.pretrainer = CLIPPretrainer(self.model)
             self.objective = Objective(ObjectiveConfig(weights={"itc": 1.0}))
         else:
@@ -104,14 +104,12 @@ class Trainer:
     @torch.inference_mode()
     def image_features(self, batch, dtype):
         with autocast(dtype, self.device.type):
-            out = self.model.get_image_features(pixel_values=batch["pixel_values"])
-        return getattr(out, "pooler_output", out)
+            return self.model.get_image_features(pixel_values=batch["pixel_values"])
 
     @torch.inference_mode()
     def text_features(self, batch, dtype):
         with autocast(dtype, self.device.type):
-            out = self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return getattr(out, "pooler_output", out)
+            return self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
     def state_bytes(self) -> int:
         """Parameters + gradients + AdamW's two moments, fp32."""

@@ -47,9 +47,9 @@ def load_model_and_processor(model_dir: str | Path, device: str | torch.device |
     except (OSError, ValueError, KeyError) as e:
         raise BenchmarkError(f"cannot load a OneR model from {model_dir}: {e}") from e
     if type(model).__name__ == "CLIPModel":  # the two-tower baseline of train.py --architecture clip
-        from .clip_baseline import clip_adapter
+        from oner.baseline import CLIPAsOneR
 
-        model = clip_adapter(model)
+        model = CLIPAsOneR(model)
     for method in ("get_image_features", "get_text_features", "get_patch_features", "get_multimodal_features"):
         if not hasattr(model, method):
             raise BenchmarkError(f"{model_dir} holds a {type(model).__name__}, not a OneR model (no {method})")
@@ -61,7 +61,7 @@ def load_model_and_processor(model_dir: str | Path, device: str | torch.device |
 def pooled(out: Any) -> torch.Tensor:
     """The `(n, d)` embedding from `get_image/text/multimodal_features`: `pooler_output` of the output
     object transformers 5's convention returns (OneR and CLIP alike), the tensor itself otherwise
-    (transformers 4.x, model folders saved before OneR followed the convention, [`CLIPForOneREval`])."""
+    (transformers 4.x, and model folders saved before OneR followed the convention)."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
