@@ -59,7 +59,8 @@ class Trainer:
     """One model + objective + train.py's optimizer; `step(batch, dtype)` is one training step."""
 
     def __init__(self, name: str, kind: str, cfg, objective: str | None = None, device: str = "cpu"):
-        from oner.objectives import Objective, ObjectiveConfig, OneRPretrainer, parse_objective
+        from oner.objectives import Objective, ObjectiveConfig, parse_objective
+        from oner.training.pretrainer import OneRPretrainer
         from oner.training.loop import make_optimizer
 
         self.name, self.kind, self.objective_spec = name, kind, objective

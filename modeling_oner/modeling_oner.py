@@ -528,7 +528,7 @@ class OneRModel(OneRPreTrainedModel):
 
         The same inputs as [`forward_features`] (image only, text only, or image i + text i as one
         joint sequence). A tensor under every transformers version: the entry point of the training
-        code (`oner.objectives.encode_pairs`), which has no use for output objects.
+        code (`oner.training.pretrainer.encode_pairs`), which has no use for output objects.
         """
         out = self.forward_features(
             input_ids=input_ids,

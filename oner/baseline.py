@@ -194,9 +194,10 @@ class CLIPAsOneR(nn.Module):
 
 
 def CLIPPretrainer(model: CLIPAsOneR) -> nn.Module:  # noqa: N802 - the name oner/training/loop.py imports
-    """The training wrapper of the baseline: [`oner.objectives.OneRPretrainer`] around the
+    """The training wrapper of the baseline: [`oner.training.pretrainer.OneRPretrainer`] around the
     adapter with naive ITC, the only term two towers train (features `image`, `text`, `logit_scale`)."""
-    from oner.objectives import ObjectiveConfig, OneRPretrainer
+    from oner.objectives import ObjectiveConfig
+    from oner.training.pretrainer import OneRPretrainer
 
     return OneRPretrainer(model, ObjectiveConfig(weights={"itc": 1.0}))
 

@@ -128,7 +128,9 @@ def _micro_batches(tiny_processor, n=8):
 def test_feature_cached_accumulation_equals_one_big_batch(tiny_config, tiny_processor, objective, kind):
     from accelerate import Accelerator
     from modeling_oner import OneRModel
-    from oner.objectives import Objective, ObjectiveConfig, OneRPretrainer, parse_objective, subword_table, whole_word_mask
+    from oner.objectives import Objective, ObjectiveConfig, parse_objective
+    from oner.training.mlm import subword_table, whole_word_mask
+    from oner.training.pretrainer import OneRPretrainer
     from oner.training.step import forward_backward
 
     accelerator = Accelerator(cpu=True)
@@ -333,7 +335,8 @@ def test_feature_cached_accumulation_with_a_cmc_fraction(tiny_config, tiny_proce
     those rows' mixups. Checked against one batch reordered so that the same pairs come first."""
     from accelerate import Accelerator
     from modeling_oner import OneRModel
-    from oner.objectives import Objective, ObjectiveConfig, OneRPretrainer, parse_objective
+    from oner.objectives import Objective, ObjectiveConfig, parse_objective
+    from oner.training.pretrainer import OneRPretrainer
     from oner.training.step import forward_backward
 
     accelerator = Accelerator(cpu=True)
