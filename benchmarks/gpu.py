@@ -59,12 +59,12 @@ def main(argv=None) -> int:
     cfg = oner_config(args.preset, parse_overrides(args.overrides))
     dtype = torch.bfloat16
     peak = matmul_peak(dtype, args.peak_n, device=args.device)
-    trainers = [Trainer("oner_itc", "oner", cfg, "itc", device=args.device),
-                Trainer("oner_full", "oner", cfg, FULL_OBJECTIVE, device=args.device),
-                Trainer("clip", "clip", cfg, device=args.device)]
+    trainers = [Trainer("oner_itc", "oner", cfg, "itc", precision="bf16", device=args.device),
+                Trainer("oner_full", "oner", cfg, FULL_OBJECTIVE, precision="bf16", device=args.device),
+                Trainer("clip", "clip", cfg, precision="bf16", device=args.device)]
     batch = make_batch(cfg, args.batch_size, device=args.device)
-    times = alternate(trainers, "step", lambda _: batch, dtype, args.repeats, args.steps)
-    flops = {t.name: training_flops(t, batch, dtype) for t in trainers}
+    times = alternate(trainers, "step", lambda _: batch, args.repeats, args.steps)
+    flops = {t.name: training_flops(t, batch) for t in trainers}
     peak = max(peak, matmul_peak(dtype, args.peak_n, device=args.device))
     rows = {}
     for t in trainers:
