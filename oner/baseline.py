@@ -21,13 +21,12 @@ import copy
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tokenizers.processors import TemplateProcessing
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from modeling_oner.modeling_oner import FEATURES_AS_OUTPUT
+from modeling_oner.modeling_oner import FEATURES_AS_OUTPUT, l2_normalize
 from processing_oner.tokenizer import build_image_processor, build_tokenizer
 
 SEP = "[SEP]"
@@ -190,7 +189,7 @@ class CLIPAsOneR(nn.Module):
             raise ValueError("pass pixel_values, input_ids or both")
         if image is None or text is None:
             return image if text is None else text
-        return F.normalize(image.float(), dim=-1) + F.normalize(text.float(), dim=-1)
+        return l2_normalize(image) + l2_normalize(text)
 
 
 def CLIPPretrainer(model: CLIPAsOneR) -> nn.Module:  # noqa: N802 - the name oner/training/loop.py imports

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from modeling_oner.modeling_oner import l2_normalize
+
 from .losses import PAIRWISE_KINDS, gather_with_grad, pairwise_loss, soft_target_loss
 
 TERMS = ("itc", "xmc", "cic", "cmc", "mlm")
@@ -161,11 +163,6 @@ class ObjectiveConfig:
         return any(self.weights.get(name, 0) > 0 for name in ("xmc", "cic", "cmc"))
 
 
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    # fp32: the pairwise softmax is sensitive to rounding under bf16 autocast.
-    return F.normalize(x.float(), dim=-1)
-
-
 # ---------------------------------------------------------------------------------------------
 # CMC's context
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +193,7 @@ def mosaic(pixel_values: torch.Tensor) -> torch.Tensor:
 
 def mixup(image: torch.Tensor, text: torch.Tensor, mix_weight: float = 0.5) -> torch.Tensor:
     """`normalize(lam * z_I + (1 - lam) * z_T)`: the common ground between the two modalities [talk]."""
-    return _normalize(mix_weight * image + (1.0 - mix_weight) * text)
+    return l2_normalize(mix_weight * image + (1.0 - mix_weight) * text)
 
 
 class Objective:

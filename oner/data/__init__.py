@@ -19,7 +19,6 @@ _EXPORTS = {
     "build_embedded_dataset": "embedded",
     "default_root": "embedded",
     "read_manifest": "embedded",
-    "on_white": "embedded",
     "SPLITS": "embedded",
     "load_image_text_dataset": "pairs",
     "shard_for_rank": "pairs",

@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
+from processing_oner.processing_oner import pil_to_rgb
+
 # Concepts whose meaning changes in a mirror image: directions, text and digits, clocks, flags.
 _NO_FLIP = re.compile(
     r"\b(left|right|arrow|arrows|clockwise|anticlockwise|counterclockwise|keycap|letter|letters|"
@@ -114,8 +116,7 @@ class ImageAugment(_Seeded):
     def __call__(self, image: Image.Image, *, allow_flip: bool = True, rng: Any = None) -> Image.Image:
         """Augment one image; ``allow_flip=False`` for direction- or text-bearing concepts."""
         rng = self._rng(rng)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = pil_to_rgb(image)
         box = self._crop_box(rng, *image.size)
         image = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
         # Always draw, even when not flipping, so the random stream does not depend on allow_flip.

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oner.objectives import ObjectiveConfig, _normalize, mosaic
+from modeling_oner.modeling_oner import l2_normalize
+from oner.objectives import ObjectiveConfig, mosaic
 
 from .mlm import MLMHead
 
@@ -111,14 +112,14 @@ def encode_pairs(
     # build output objects under transformers 5, which the hot path has no use for.
     out: dict[str, torch.Tensor] = {}
     if "image" in passes:
-        out["image"] = _normalize(model.embed(pixel_values=pixel_values))
+        out["image"] = l2_normalize(model.embed(pixel_values=pixel_values))
     if "text" in passes:
-        out["text"] = _normalize(model.embed(input_ids=input_ids, attention_mask=attention_mask))
+        out["text"] = l2_normalize(model.embed(input_ids=input_ids, attention_mask=attention_mask))
     for name, cross in (("joint", False), ("cross", True)):
         if name in passes:
             rows = slice(None) if cross or joint_rows is None else slice(0, joint_rows)
             pixels = joint_pixels if name == "joint" and joint_pixels is not None else pixel_values
-            out[name] = _normalize(
+            out[name] = l2_normalize(
                 model.embed(
                     input_ids=input_ids[rows],
                     pixel_values=pixels[rows],
