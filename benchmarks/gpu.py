@@ -22,7 +22,9 @@ from common import RESULTS, machine, median, write_json  # noqa: E402
 
 import torch  # noqa: E402
 
-from speed import Trainer, alternate, make_batch, matmul_peak, oner_config, parse_overrides, training_flops  # noqa: E402
+from speed import Trainer, alternate, make_batch, matmul_peak, oner_config, training_flops  # noqa: E402
+
+from oner.training.args import parse_overrides  # noqa: E402  (train.py's --config_overrides)
 
 QUICK_OVERRIDES = ("hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,projection_dim=32,"
                    "image_size=32,patch_size=8,max_position_embeddings=16")
