@@ -17,7 +17,6 @@ The saved folder is a plain `CLIPModel` + `CLIPProcessor` (CLIPImageProcessor + 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -104,6 +103,26 @@ def build_clip_processor(oner_config) -> CLIPProcessor:
     return CLIPProcessor(image_processor=build_image_processor(oner_config.image_size), tokenizer=tokenizer)
 
 
+class CLIPConfigAsOneR:
+    """A `CLIPConfig` read with the OneR config's field names our code uses.
+
+    A field of the `CLIPConfig` itself (`projection_dim`, `_attn_implementation`, ...) comes from it;
+    any other (`image_size`, `patch_size`, `hidden_size`, `num_hidden_layers`, ...) from its vision
+    tower, which has the OneR preset's shape as the text tower does. Nothing is copied or added, so
+    the saved `config.json` stays CLIP's own.
+    """
+
+    def __init__(self, clip_config: CLIPConfig):
+        self.clip_config = clip_config
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "clip_config":  # copy/pickle probe these before __init__ ran
+            raise AttributeError(name)
+        if hasattr(self.clip_config, name):
+            return getattr(self.clip_config, name)
+        return getattr(self.clip_config.vision_config, name)
+
+
 class CLIPAsOneR(nn.Module):
     """A `CLIPModel` with the interface our code reads from a `OneRModel`, so that training,
     evaluation and the benchmarks treat both architectures the same way.
@@ -119,18 +138,17 @@ class CLIPAsOneR(nn.Module):
     - `embed(...)`: the same embeddings as plain tensors under every transformers version, as
       `OneRModel.embed` (the training path: `oner.training.pretrainer.encode_pairs`);
     - `logit_scale`: CLIP's own parameter (clamped and read by training, read by the heatmaps);
-    - `config`: CLIP's vision config (image_size, patch_size, hidden_size, ... as OneR's config
-      has them) with `projection_dim` the size of the shared space.
+    - `config`: a [`CLIPConfigAsOneR`] (`image_size`, `patch_size`, `projection_dim`, ... as OneR's
+      config has them). As with a `PreTrainedModel`, `CLIPAsOneR(model.config)` builds a fresh model
+      of the same shape (the training loop rebuilds the model it saves that way).
 
     `clip` is the wrapped `CLIPModel`, the model that is saved ([`save_clip_folder`]) and loaded.
     """
 
-    def __init__(self, clip: CLIPModel):
+    def __init__(self, clip: CLIPModel | CLIPConfigAsOneR):
         super().__init__()
-        self.clip = clip
-        self.config = copy.deepcopy(clip.config.vision_config)
-        # The vision config's own projection_dim is an unused default; the shared space's size is CLIPConfig's.
-        self.config.projection_dim = clip.config.projection_dim
+        self.clip = CLIPModel(clip.clip_config) if isinstance(clip, CLIPConfigAsOneR) else clip
+        self.config = CLIPConfigAsOneR(self.clip.config)
 
     @property
     def logit_scale(self) -> nn.Parameter:

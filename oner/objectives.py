@@ -218,7 +218,7 @@ class Objective:
         """Weighted batch-level terms and each term's (unweighted) value.
 
         Args:
-            features: from [`OneRPretrainer.forward`] for the whole (local) batch.
+            features: from `oner.training.pretrainer.OneRPretrainer` for the whole (local) batch.
             targets: `image`/`text` of the EMA target encoder (no gradient) when momentum is on:
                 the mixup `m` is then built from them, MoCo-style [inferred]; otherwise from `features`,
                 with gradient through both sides.

@@ -52,6 +52,8 @@ def test_the_adapter_reads_like_a_oner_model(clip_and_batch):
     assert (model.config.image_size, model.config.patch_size) == (config.image_size, config.patch_size)
     assert model.config.projection_dim == config.projection_dim
     assert model.logit_scale is model.clip.logit_scale
+    assert getattr(model.config, "pooling", None) is None  # a OneR-only field reads as absent
+    assert model.config._attn_implementation == model.clip.config._attn_implementation
     with pytest.raises(ValueError, match="no attention between its towers"):
         model.embed(pixel_values=pixels, cross_modal_attention=True, **text)
 
@@ -85,3 +87,24 @@ def test_the_saved_folder_is_a_plain_clip_model(tmp_path):
     loaded = AutoModel.from_pretrained(folder)
     assert type(loaded) is CLIPModel
     torch.testing.assert_close(loaded.logit_scale, model.logit_scale)
+
+
+
+def test_the_adapter_rebuilds_from_its_config_and_copies(clip_and_batch):
+    """`type(model)(model.config)`, as for a PreTrainedModel (the training loop's final save), and
+    `copy.deepcopy` (the EMA target) both give a model of the same shape."""
+    import copy
+
+    from oner.baseline import CLIPAsOneR
+
+    _, model, batch = clip_and_batch
+    fresh = CLIPAsOneR(model.config)
+    assert fresh.state_dict().keys() == model.state_dict().keys()
+    fresh.load_state_dict(model.state_dict())
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        expected = model.embed(pixel_values=batch["pixel_values"])
+        torch.testing.assert_close(fresh.embed(pixel_values=batch["pixel_values"]), expected)
+        torch.testing.assert_close(twin.embed(pixel_values=batch["pixel_values"]), expected)
+    assert twin.config.image_size == model.config.image_size
+
