@@ -8,8 +8,9 @@
 The recipe, step by step (each step is a function of `oner.training.loop`):
 
 1. flags and `--config` -> `parse_args`; every input is validated before anything is written;
-2. model: `OneRModel` of `--preset` (or transformers' `CLIPModel`, `--architecture clip`) wrapped in
-   `OneRPretrainer`, which adds only training-side parts (MLM head, SigLIP bias);
+2. model: `OneRModel` of `--preset` (or transformers' `CLIPModel` behind `oner.baseline.CLIPAsOneR`,
+   `--architecture clip`) wrapped in `oner.training.pretrainer.OneRPretrainer`, which adds only
+   training-side parts (MLM head, SigLIP bias);
 3. data: `oner.data.load_image_text_dataset(--train_data)` with per-sample seeded augmentation and
    the damage-counting collator;
 4. objective: `oner.objectives` (ITC, XMC, CIC, CMC, MLM; softmax or sigmoid; optional EMA target),

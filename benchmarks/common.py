@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts: machine facts, timing, the CLIP evaluation adapter."""
+"""Shared helpers of the benchmark scripts: machine facts, timing, accelerate's state, JSON output."""
 
 from __future__ import annotations
 
@@ -75,6 +75,15 @@ def _git_commit() -> str | None:
 
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+def reset_accelerate() -> None:
+    """The next Accelerator of this process starts from a clean state (accelerate keeps singletons,
+    and refuses a second precision in one process otherwise)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 def write_json(path: Path, data) -> Path:

@@ -22,7 +22,9 @@ from common import RESULTS, machine, median, write_json  # noqa: E402
 
 import torch  # noqa: E402
 
-from speed import Trainer, alternate, make_batch, matmul_peak, oner_config, parse_overrides, training_flops  # noqa: E402
+from speed import Trainer, alternate, make_batch, matmul_peak, oner_config, training_flops  # noqa: E402
+
+from oner.training.args import parse_overrides  # noqa: E402  (train.py's --config_overrides)
 
 QUICK_OVERRIDES = ("hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,projection_dim=32,"
                    "image_size=32,patch_size=8,max_position_embeddings=16")
@@ -59,12 +61,12 @@ def main(argv=None) -> int:
     cfg = oner_config(args.preset, parse_overrides(args.overrides))
     dtype = torch.bfloat16
     peak = matmul_peak(dtype, args.peak_n, device=args.device)
-    trainers = [Trainer("oner_itc", "oner", cfg, "itc", device=args.device),
-                Trainer("oner_full", "oner", cfg, FULL_OBJECTIVE, device=args.device),
-                Trainer("clip", "clip", cfg, device=args.device)]
+    trainers = [Trainer("oner_itc", "oner", cfg, "itc", precision="bf16", device=args.device),
+                Trainer("oner_full", "oner", cfg, FULL_OBJECTIVE, precision="bf16", device=args.device),
+                Trainer("clip", "clip", cfg, precision="bf16", device=args.device)]
     batch = make_batch(cfg, args.batch_size, device=args.device)
-    times = alternate(trainers, "step", lambda _: batch, dtype, args.repeats, args.steps)
-    flops = {t.name: training_flops(t, batch, dtype) for t in trainers}
+    times = alternate(trainers, "step", lambda _: batch, args.repeats, args.steps)
+    flops = {t.name: training_flops(t, batch) for t in trainers}
     peak = max(peak, matmul_peak(dtype, args.peak_n, device=args.device))
     rows = {}
     for t in trainers:

@@ -29,17 +29,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, loadavg, machine, median, write_json  # noqa: E402
+from common import RESULTS, loadavg, machine, median, reset_accelerate, write_json  # noqa: E402
 
 import torch  # noqa: E402
-
-
-def reset_accelerate() -> None:
-    """Each Accelerator of this process starts from a clean state (accelerate keeps singletons)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def bare_step(train_argv: list[str], repeats: int, calls: int) -> dict:

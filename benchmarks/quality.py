@@ -4,7 +4,7 @@ on the embedded benchmark at an EQUAL wall-clock training budget per run, severa
 
 Every run is `python train.py ...` (the project's own training code, as a subprocess), then the
 benchmark: `oner.evaluation.run_benchmark`, run by train.py's own `--do_eval` for both architectures
-(a CLIPModel folder goes through `oner.evaluation.clip_baseline.clip_adapter`).
+(a CLIPModel folder goes through `oner.baseline.CLIPAsOneR`).
 
 Two grids (`GRIDS`): `ablation` (the objectives, on the current default recipe) and `recipe` (size,
 resolution, batch, learning rate). Results are written incrementally, one JSON line per finished

@@ -3,10 +3,11 @@
 
 What is timed (medians over repeats; the order of the models rotates every repeat):
 
-- training step = forward + loss + backward + grad-norm clip + AdamW step (train.py's optimizer
-  groups), in pairs/s, for: OneR + naive ITC, OneR + the full objective
+- training step = train.py's own `oner.training.loop.optimisation_step` (forward + objective +
+  backward, NaN/inf check, grad-norm clip, AdamW with train.py's parameter groups and defaults,
+  scheduler, logit-scale clamp), in pairs/s, for: OneR + naive ITC, OneR + the full objective
   (`oner.objectives.FULL_OBJECTIVE`, xmc+cmc), CLIPModel + its contrastive loss (train.py's
-  `--architecture clip` path: `oner.baseline.CLIPPretrainer` + ITC);
+  `--architecture clip` path: `oner.baseline.CLIPAsOneR` in `CLIPPretrainer` + ITC);
 - inference: image embeddings/s and text embeddings/s (`get_image_features` / `get_text_features`);
 - memory: parameter + gradient + AdamW state bytes (exact), and the peak RSS growth over the first
   two training steps of a freshly built model in a child process (Linux `VmHWM` after resetting it
@@ -15,7 +16,8 @@ What is timed (medians over repeats; the order of the models rotates every repea
 - FLOPs of one training step's forward + backward from `torch.utils.flop_counter.FlopCounterMode`
   (matmuls, convolutions, attention), hence achieved FLOP/s, against the fp32 / bf16 matmul peak
   measured in the same run (square matmuls, best of several);
-- fp32 and bf16 autocast;
+- fp32 and bf16 autocast (an Accelerator with `--mixed_precision no` / `bf16`, as train.py's: bf16
+  autocast around the pretrainer's forward);
 - "equal work": the matched CLIPModel has the same tower shape, so the same FLOPs per pair as OneR
   with ITC (both run one image sequence and one text sequence through a tower of that shape) and
   about twice the transformer parameters. A second comparison gives OneR twice the layers (equal
@@ -31,17 +33,18 @@ Writes `speed.json`, `speed.md`, `speed_batch.png` (throughput vs batch size) an
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, loadavg, machine, median, write_json  # noqa: E402
+from common import RESULTS, loadavg, machine, median, reset_accelerate, write_json  # noqa: E402
 
 import torch  # noqa: E402
+
+from oner.training.args import parse_overrides  # noqa: E402  (train.py's --config_overrides)
+
+PRECISIONS = ("fp32", "bf16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,19 +59,26 @@ def oner_config(preset: str, overrides: dict):
 
 
 class Trainer:
-    """One model + objective + train.py's optimizer; `step(batch, dtype)` is one training step."""
+    """One model behind train.py's own step: its pretrainer, objective, optimizer, scheduler and
+    `oner.training.loop.optimisation_step`, under an Accelerator of one precision.
 
-    def __init__(self, name: str, kind: str, cfg, objective: str | None = None, device: str = "cpu"):
-        from oner.objectives import Objective, ObjectiveConfig, OneRPretrainer, parse_objective
-        from oner.training.loop import make_optimizer
+    `precision` "bf16" is `--mixed_precision bf16`: accelerate wraps the pretrainer's forward in
+    bf16 autocast, as in train.py; "fp32" runs without. The optimizer settings are train.py's defaults.
+    """
 
-        self.name, self.kind, self.objective_spec = name, kind, objective
+    def __init__(self, name: str, kind: str, cfg, objective: str | None = None, precision: str = "fp32",
+                 device: str = "cpu"):
+        from oner.objectives import Objective, ObjectiveConfig, parse_objective
+        from oner.training.args import parse_args
+        from oner.training.checkpointing import TrainState
+        from oner.training.loop import make_optimizer, make_scheduler
+        from oner.training.pretrainer import OneRPretrainer
+
+        self.name, self.kind, self.objective_spec, self.precision = name, kind, objective, precision
         if kind == "clip":
-            from transformers import CLIPModel
+            from oner.baseline import CLIPPretrainer, build_clip
 
-            from oner.baseline import CLIPPretrainer, clip_config_for
-
-            self.model = CLIPModel(clip_config_for(cfg))
+            self.model, _ = build_clip(cfg)
             self.pretrainer = CLIPPretrainer(self.model)
             self.objective = Objective(ObjectiveConfig(weights={"itc": 1.0}))
         else:
@@ -78,50 +88,56 @@ class Trainer:
             oc = ObjectiveConfig(weights=parse_objective(objective))
             self.pretrainer = OneRPretrainer(self.model, oc)
             self.objective = Objective(oc)
-        self.device = torch.device(device)
-        self.pretrainer.to(self.device)
-        args = SimpleNamespace(weight_decay=0.1, learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6)
-        self.optimizer = make_optimizer(self.pretrainer, args)
+        self.args = parse_args([])
+        self.accelerator = accelerator_for(precision, device)
+        state = TrainState()
+        state.total_steps = 10**9  # the learning rate stays at its warm-up start: nothing to time there
+        optimizer = make_optimizer(self.pretrainer, self.args)
+        scheduler = make_scheduler(optimizer, self.args, state)
+        self.pretrainer, self.optimizer, self.scheduler = self.accelerator.prepare(self.pretrainer, optimizer, scheduler)
+        self.device = self.accelerator.device
         self.pretrainer.train()
         self.params = [p for p in self.pretrainer.parameters() if p.requires_grad]
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.attn = getattr(self.model.config, "_attn_implementation", None)
 
-    def forward_backward(self, batch, dtype):
-        with autocast(dtype, self.device.type):
-            features = self.pretrainer(**batch)
-            loss, _ = self.objective(features)
-        loss.backward()
-        return loss
+    def forward_backward(self, batch):
+        """train.py's forward + objective + backward of one step (`oner.training.step.forward_backward`)."""
+        from oner.training.step import forward_backward
 
-    def step(self, batch, dtype):
-        loss = self.forward_backward(batch, dtype)
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        return forward_backward(self.pretrainer, self.objective, [batch], self.accelerator)
+
+    def step(self, batch):
+        """train.py's whole step: forward, backward, NaN/inf check, clip, AdamW, scheduler, logit-scale clamp."""
+        from oner.training.loop import optimisation_step
+
+        loss, _, _, _ = optimisation_step(self.pretrainer, self.objective, [batch], self.accelerator, self.optimizer,
+                                          self.scheduler, None, self.args, poison=False)
         return loss
 
     @torch.inference_mode()
-    def image_features(self, batch, dtype):
-        with autocast(dtype, self.device.type):
-            out = self.model.get_image_features(pixel_values=batch["pixel_values"])
-        return getattr(out, "pooler_output", out)
+    def image_features(self, batch):
+        with self.accelerator.autocast():
+            return self.model.get_image_features(pixel_values=batch["pixel_values"])
 
     @torch.inference_mode()
-    def text_features(self, batch, dtype):
-        with autocast(dtype, self.device.type):
-            out = self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return getattr(out, "pooler_output", out)
+    def text_features(self, batch):
+        with self.accelerator.autocast():
+            return self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
     def state_bytes(self) -> int:
         """Parameters + gradients + AdamW's two moments, fp32."""
         return 4 * 4 * sum(p.numel() for p in self.params)
 
 
-def autocast(dtype, device_type: str = "cpu"):
-    if dtype == torch.bfloat16:
-        return torch.autocast(device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def accelerator_for(precision: str, device: str = "cpu"):
+    """An Accelerator as train.py's with `--mixed_precision bf16` or `no`. accelerate keeps ONE
+    precision per process, so its state is reset first: build one precision's trainers, time them,
+    then the other's."""
+    from accelerate import Accelerator
+
+    reset_accelerate()
+    return Accelerator(cpu=torch.device(device).type == "cpu", mixed_precision="bf16" if precision == "bf16" else "no")
 
 
 def make_batch(cfg, batch_size: int, seed: int = 0, device: str = "cpu") -> dict:
@@ -172,16 +188,16 @@ def time_calls(fn, n: int, device="cpu") -> float:
     return (time.perf_counter() - t) / n
 
 
-def alternate(trainers: list, what: str, batch_of, dtype, repeats: int, calls: int) -> dict[str, list[float]]:
+def alternate(trainers: list, what: str, batch_of, repeats: int, calls: int) -> dict[str, list[float]]:
     """Seconds per call of `what` for each trainer; trainers alternate, their order rotates each repeat."""
     times = {t.name: [] for t in trainers}
     for t in trainers:  # warm-up: first calls pay allocation and (for AdamW) state creation
-        getattr(t, what)(batch_of(t), dtype)
+        getattr(t, what)(batch_of(t))
     for r in range(repeats):
         order = trainers[r % len(trainers):] + trainers[: r % len(trainers)]
         for t in order:
             b = batch_of(t)
-            times[t.name].append(time_calls(lambda: getattr(t, what)(b, dtype), calls, t.device))
+            times[t.name].append(time_calls(lambda: getattr(t, what)(b), calls, t.device))
     return times
 
 
@@ -206,12 +222,12 @@ def _flop_mapping() -> dict:
     return out
 
 
-def training_flops(trainer: Trainer, batch, dtype) -> int:
+def training_flops(trainer: Trainer, batch) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False, custom_mapping=_flop_mapping() if trainer.device.type == "cpu" else None)
     with counter:
-        trainer.forward_backward(batch, dtype)
+        trainer.forward_backward(batch)
     trainer.optimizer.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
 
@@ -231,16 +247,15 @@ def memory_probe_main(spec: str) -> int:
     if d.get("threads"):
         torch.set_num_threads(d["threads"])
     cfg = oner_config(d["preset"], d["overrides"])
-    trainer = Trainer(d["name"], d["kind"], cfg, d["objective"])
+    trainer = Trainer(d["name"], d["kind"], cfg, d["objective"], precision=d["dtype"])
     batch = make_batch(cfg, d["batch_size"])
-    dtype = torch.bfloat16 if d["dtype"] == "bf16" else torch.float32
     import gc
 
     gc.collect()
     before = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
-    trainer.step(batch, dtype)  # the first step also creates AdamW's state
-    trainer.step(batch, dtype)
+    trainer.step(batch)  # the first step also creates AdamW's state
+    trainer.step(batch)
     print("MEMORY_PROBE " + json.dumps({"rss_before_mib": before / 1024,
                                         "peak_growth_mib": max(_rss_kib("VmHWM") - before, 0) / 1024}))
     return 0
@@ -284,12 +299,12 @@ def memory_only(args) -> int:
     return 0
 
 
-def profile_step(trainer: Trainer, batch, dtype, rows: int = 18) -> str:
+def profile_step(trainer: Trainer, batch, rows: int = 18) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    trainer.step(batch, dtype)
+    trainer.step(batch)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-        trainer.step(batch, dtype)
+        trainer.step(batch)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
@@ -315,25 +330,25 @@ def run(args) -> dict:
         "command": "python benchmarks/speed.py " + " ".join(args.argv)}}
     peaks = {"fp32": [matmul_peak(torch.float32, args.peak_n)], "bf16": [matmul_peak(torch.bfloat16, args.peak_n)]}
 
-    trainers = [
-        Trainer("oner_itc", "oner", cfg, "itc"),
-        Trainer("oner_full", "oner", cfg, FULL_OBJECTIVE),
-        Trainer("clip", "clip", cfg),
-    ]
-    if not args.quick:
-        trainers.append(Trainer("oner_itc_2x_layers", "oner", deep_cfg, "itc"))
     batch = make_batch(cfg, args.batch_size)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    train, infer_img, infer_txt, flops, memory = {}, {}, {}, {}, {}
-    for dname, dtype in dtypes.items():
-        t = alternate(trainers, "step", lambda _: batch, dtype, args.repeats, args.steps)
+    train, infer_img, infer_txt, flops, memory, sweep, prof = {}, {}, {}, {}, {}, {}, []
+    for dname in PRECISIONS:  # one precision's trainers at a time (see `accelerator_for`)
+        torch.manual_seed(0)
+        trainers = [
+            Trainer("oner_itc", "oner", cfg, "itc", precision=dname),
+            Trainer("oner_full", "oner", cfg, FULL_OBJECTIVE, precision=dname),
+            Trainer("clip", "clip", cfg, precision=dname),
+        ]
+        if not args.quick:
+            trainers.append(Trainer("oner_itc_2x_layers", "oner", deep_cfg, "itc", precision=dname))
+        t = alternate(trainers, "step", lambda _: batch, args.repeats, args.steps)
         train[dname] = {k: {"s_per_step": median(v), "pairs_per_s": args.batch_size / median(v),
                             "all_s": [round(x, 4) for x in v]} for k, v in t.items()}
-        ti = alternate(trainers[:1] + trainers[2:3], "image_features", lambda _: batch, dtype, args.repeats, args.steps)
-        tt = alternate(trainers[:1] + trainers[2:3], "text_features", lambda _: batch, dtype, args.repeats, args.steps)
+        ti = alternate(trainers[:1] + trainers[2:3], "image_features", lambda _: batch, args.repeats, args.steps)
+        tt = alternate(trainers[:1] + trainers[2:3], "text_features", lambda _: batch, args.repeats, args.steps)
         infer_img[dname] = {k: args.batch_size / median(v) for k, v in ti.items()}
         infer_txt[dname] = {k: args.batch_size / median(v) for k, v in tt.items()}
-        flops[dname] = {tr.name: training_flops(tr, batch, dtype) for tr in trainers}
+        flops[dname] = {tr.name: training_flops(tr, batch) for tr in trainers}
         memory[dname] = {tr.name: {"state_mib": tr.state_bytes() / 2**20,
                                    **(peak_step_rss_fresh(tr.name, tr.kind, tr.objective_spec, args.preset,
                                                           deep_overrides if tr.name.endswith("2x_layers") else overrides,
@@ -341,20 +356,22 @@ def run(args) -> dict:
                          for tr in trainers}
         print(f"[speed] {dname}: " + ", ".join(f"{k} {v['pairs_per_s']:.1f} pairs/s" for k, v in train[dname].items()),
               flush=True)
-    peaks["fp32"].append(matmul_peak(torch.float32, args.peak_n))
-    peaks["bf16"].append(matmul_peak(torch.bfloat16, args.peak_n))
-    peak = {k: max(v) for k, v in peaks.items()}
 
-    # Throughput vs batch size (fp32 and bf16, OneR ITC / default vs CLIP).
-    sweep = {}
-    for dname in ("fp32", "bf16"):
+        # Throughput vs batch size (OneR ITC / full objective vs CLIP).
         sweep[dname] = {}
         for bs in args.batch_sizes:
             b = make_batch(cfg, bs)
-            t = alternate(trainers[:3], "step", lambda _: b, dtypes[dname], max(args.repeats // 2, 2), max(args.steps // 2, 1))
+            t = alternate(trainers[:3], "step", lambda _: b, max(args.repeats // 2, 2), max(args.steps // 2, 1))
             sweep[dname][bs] = {k: bs / median(v) for k, v in t.items()}
             print(f"[speed] sweep {dname} batch {bs}: " + ", ".join(f"{k} {v:.1f}" for k, v in sweep[dname][bs].items()),
                   flush=True)
+        if not args.quick:
+            for tr in trainers[:3]:
+                prof.append(f"==== {tr.name} {dname} batch {args.batch_size}: one training step, top ops by self CPU time\n")
+                prof.append(profile_step(tr, batch))
+    peaks["fp32"].append(matmul_peak(torch.float32, args.peak_n))
+    peaks["bf16"].append(matmul_peak(torch.bfloat16, args.peak_n))
+    peak = {k: max(v) for k, v in peaks.items()}
 
     params = {tr.name: tr.n_params for tr in trainers}
     result.update(train=train, inference_images_per_s=infer_img, inference_texts_per_s=infer_txt,
@@ -362,12 +379,7 @@ def run(args) -> dict:
                   batch_sweep_pairs_per_s=sweep, parameters=params,
                   attention={tr.name: tr.attn for tr in trainers}, loadavg_at_end=loadavg())
     result["derived"] = derive(result, args.batch_size)
-    if not args.quick:
-        prof = []
-        for tr in trainers[:3]:
-            for dname in ("fp32", "bf16"):
-                prof.append(f"==== {tr.name} {dname} batch {args.batch_size}: one training step, top ops by self CPU time\n")
-                prof.append(profile_step(tr, batch, dtypes[dname]))
+    if prof:
         (Path(args.out) / "speed_profile.txt").write_text("\n".join(prof))
     return result
 
@@ -405,15 +417,6 @@ def derive(r: dict, batch_size: int) -> dict:
                                                  d["bf16_over_fp32_pairs_per_s"]["oner_itc"] >= 1.5],
     }
     return d
-
-
-def parse_overrides(text: str | None) -> dict:
-    out = {}
-    for item in (text or "").split(","):
-        if item.strip():
-            k, _, v = item.partition("=")
-            out[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else v.strip()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,6 +70,13 @@ class OneROutput(ModelOutput):
         )
 
 
+def l2_normalize(embeddings: torch.Tensor) -> torch.Tensor:
+    """Unit-length rows, computed in fp32: the contrastive softmax is sensitive to rounding under
+    bf16/fp16 autocast. The project's one normalisation (the model's scores, the training features,
+    the evaluation's embeddings all use it)."""
+    return F.normalize(embeddings.float(), dim=-1)
+
+
 def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each row against the diagonal (the matching pair)."""
     return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
@@ -528,7 +535,7 @@ class OneRModel(OneRPreTrainedModel):
 
         The same inputs as [`forward_features`] (image only, text only, or image i + text i as one
         joint sequence). A tensor under every transformers version: the entry point of the training
-        code (`oner.objectives.encode_pairs`), which has no use for output objects.
+        code (`oner.training.pretrainer.encode_pairs`), which has no use for output objects.
         """
         out = self.forward_features(
             input_ids=input_ids,
@@ -671,12 +678,12 @@ class OneRModel(OneRPreTrainedModel):
             vision_outputs = self.forward_features(
                 pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **features
             )
-            image_embeds = self._normalize(self.project(vision_outputs.pooler_output))
+            image_embeds = l2_normalize(self.project(vision_outputs.pooler_output))
         if input_ids is not None:
             text_outputs = self.forward_features(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **features
             )
-            text_embeds = self._normalize(self.project(text_outputs.pooler_output))
+            text_embeds = l2_normalize(self.project(text_outputs.pooler_output))
         if input_ids is None and pixel_values is None:
             raise ValueError("pass pixel_values, input_ids or both")
 
@@ -704,11 +711,6 @@ class OneRModel(OneRPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    @staticmethod
-    def _normalize(embeddings: torch.Tensor) -> torch.Tensor:
-        # fp32: the contrastive softmax is sensitive to rounding under bf16/fp16 autocast.
-        return F.normalize(embeddings.float(), dim=-1)
-
     def similarity(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Scaled cosine similarities `(n_queries, n_keys)` of normalised embeddings, in fp32, plus the
         logit bias when the model has one (trained with the sigmoid loss)."""
@@ -718,4 +720,4 @@ class OneRModel(OneRPreTrainedModel):
             return logits + self.logit_bias.float() if self.logit_bias is not None else logits
 
 
-__all__ = ["FEATURES_AS_OUTPUT", "OneRModel", "OneRPreTrainedModel", "OneROutput", "OneREncoderLayer"]
+__all__ = ["FEATURES_AS_OUTPUT", "l2_normalize", "OneRModel", "OneRPreTrainedModel", "OneROutput", "OneREncoderLayer"]

@@ -13,24 +13,26 @@ between paired rows (InfoNCE, or SigLIP's sigmoid loss), negatives from every pr
 | `cmc` | `P(z_J, m)`, `z_J` = the joint [I;T] pass with full attention | [talk], form [inferred] |
 | `mlm` | cross-entropy on whole-word-masked caption tokens, joint pass with the image | [talk]/[code], form [inferred] |
 
-The total is `sum_k w_k * L_k`. The model stays pure (`modeling_oner` has no loss heads): the MLM
-head lives in [`OneRPretrainer`], a training-side wrapper that is what DDP wraps; the SigLIP bias of the
+The total is `sum_k w_k * L_k`. This module holds the terms; the model stays pure (`modeling_oner`
+has no loss heads). The training side (`oner.training`) holds what produces their inputs: the
+wrapper DDP wraps (`oner.training.pretrainer.OneRPretrainer`, features of one micro-batch), the MLM
+head and whole-word masking (`oner.training.mlm`) and the EMA target encoder. The SigLIP bias of the
 sigmoid loss is the model's own `logit_bias` (saved with it, added to its scores).
 
-The training loop uses three pieces so that feature caching (GradCache) can split them:
-[`OneRPretrainer.forward`] (features of one micro-batch), [`Objective.contrastive_loss`]
-(the batch-level terms, from features of the whole batch) and the per-sample MLM sums.
+The training loop uses three pieces so that feature caching (GradCache) can split them: the
+pretrainer's forward (features of one micro-batch), [`Objective.contrastive_loss`] (the batch-level
+terms, from features of the whole batch) and the per-sample MLM sums.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from modeling_oner.modeling_oner import l2_normalize
 
 from .losses import PAIRWISE_KINDS, gather_with_grad, pairwise_loss, soft_target_loss
 
@@ -162,194 +164,8 @@ class ObjectiveConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Whole-word masking and the MLM head
+# CMC's context
 # ---------------------------------------------------------------------------------------------
-
-
-def subword_table(tokenizer) -> torch.Tensor:
-    """`(vocab,)` bool: True for WordPiece continuation pieces (`##...`), which belong to the previous word."""
-    vocab = tokenizer.get_vocab()
-    table = torch.zeros(max(vocab.values()) + 1, dtype=torch.bool)
-    for token, index in vocab.items():
-        if token.startswith("##"):
-            table[index] = True
-    return table
-
-
-def whole_word_mask(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    is_subword: torch.Tensor,
-    mask_token_id: int,
-    probability: float = 0.15,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace every piece of randomly chosen WORDS by [MASK] (BERT's whole-word masking).
-
-    Each word is masked with `probability`; every caption gets at least one masked word, so every
-    row contributes to the loss. Masked pieces become [MASK] (no 80/10/10 split: the first
-    author's augmentation masks with [MASK] only [code, inferred]).
-
-    Args:
-        input_ids, attention_mask: `(batch, length)`.
-        is_subword: `(vocab,)` bool from [`subword_table`].
-
-    Returns:
-        `masked_ids` `(batch, length)` and `labels` `(batch, length)`: the original id where masked, -100 elsewhere.
-    """
-    real = attention_mask.bool()
-    starts = real & ~is_subword.to(input_ids.device)[input_ids]
-    starts[:, 0] |= real[:, 0]  # a caption that begins with a ## piece still begins a word
-    word_index = torch.cumsum(starts.long(), dim=1) - 1  # word of each token, -1 before the first
-    n_words = int(starts.sum(dim=1).max())
-    draws = torch.rand(input_ids.shape[0], max(n_words, 1), generator=generator, device=input_ids.device)
-    chosen = draws < probability
-    # At least one word per caption: the word with the smallest draw among the real words.
-    words_per_row = starts.sum(dim=1)
-    valid_word = torch.arange(chosen.shape[1], device=input_ids.device)[None] < words_per_row[:, None]
-    first = torch.where(valid_word, draws, torch.full_like(draws, 2.0)).argmin(dim=1)
-    chosen[torch.arange(len(chosen), device=input_ids.device), first] = True
-    chosen &= valid_word
-    masked = real & torch.gather(chosen, 1, word_index.clamp(min=0)) & (word_index >= 0)
-    labels = torch.where(masked, input_ids, torch.full_like(input_ids, -100))
-    masked_ids = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
-    return masked_ids, labels
-
-
-class MLMHead(nn.Module):
-    """BERT's prediction head: dense -> GELU -> LayerNorm -> decoder tied to the token embedding.
-
-    Lives on the training side only; it is not saved with the model folder.
-    """
-
-    def __init__(self, hidden_size: int, token_embedding: nn.Embedding, eps: float = 1e-6):
-        super().__init__()
-        self.dense = nn.Linear(hidden_size, hidden_size)
-        self.norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.token_embedding = token_embedding  # tied: no extra vocab-sized matrix
-        self.bias = nn.Parameter(torch.zeros(token_embedding.num_embeddings))
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`(n, hidden)` -> `(n, vocab)` logits."""
-        return self.norm(F.gelu(self.dense(hidden))) @ self.token_embedding.weight.t() + self.bias
-
-
-# ---------------------------------------------------------------------------------------------
-# The training-side wrapper: what DDP wraps and what each micro-batch goes through
-# ---------------------------------------------------------------------------------------------
-
-
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    # fp32: the pairwise softmax is sensitive to rounding under bf16 autocast.
-    return F.normalize(x.float(), dim=-1)
-
-
-class OneRPretrainer(nn.Module):
-    """A `OneRModel` plus the training-only parts (MLM head); one forward per micro-batch.
-
-    `forward(input_ids, attention_mask, pixel_values, mlm_input_ids=None, mlm_labels=None)`
-    returns a dict:
-
-    - `image`, `text`: `(n, projection_dim)` normalised single-modality embeddings;
-    - `joint` / `cross`: `(n, projection_dim)` normalised embeddings of the joint [I;T] pass with
-      full / cross-modal attention (when `cmc` / `cic` is on);
-    - `mlm_sum`, `mlm_count`: summed token cross-entropy and the number of masked tokens (when `mlm` is on);
-    - `logit_scale` (and `logit_bias` for the sigmoid loss): returned as outputs so that their
-      gradients flow through DDP's graph.
-    """
-
-    def __init__(self, model: nn.Module, config: ObjectiveConfig):
-        super().__init__()
-        self.model = model
-        self.objective = config
-        self.passes = config.passes
-        self.mlm_head = (
-            MLMHead(model.config.hidden_size, model.embeddings.token_embedding, model.config.layer_norm_eps)
-            if "mlm" in self.passes
-            else None
-        )
-        if config.pairwise == "sigmoid" and getattr(model, "logit_bias", None) is None:
-            # The sigmoid loss's bias belongs to the model (saved with it, used by its scores).
-            model.config.logit_bias_init = float(config.sigmoid_bias_init)
-            model.logit_bias = nn.Parameter(torch.tensor(float(config.sigmoid_bias_init)))
-        if config.temperature is not None:
-            # Saved with the model, so that its logits are those it was trained with.
-            with torch.no_grad():
-                model.logit_scale.fill_(math.log(1.0 / config.temperature))
-            model.logit_scale.requires_grad_(False)
-
-    @property
-    def logit_bias(self) -> nn.Parameter | None:
-        """The model's SigLIP bias when the objective is the sigmoid loss, else None."""
-        return self.model.logit_bias if self.objective.pairwise == "sigmoid" else None
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor,
-        mlm_input_ids: torch.Tensor | None = None,
-        mlm_labels: torch.Tensor | None = None,
-        **unused,
-    ) -> dict[str, torch.Tensor]:
-        joint_rows = None
-        if self.objective.cmc_fraction < 1.0:
-            joint_rows = max(1, math.ceil(self.objective.cmc_fraction * len(input_ids)))
-        joint_pixels = mosaic(pixel_values) if self.objective.cmc_context == "mosaic" and "joint" in self.passes else None
-        out = encode_pairs(self.model, input_ids, attention_mask, pixel_values, self.passes, joint_rows, joint_pixels)
-        if joint_rows is not None and "joint" in out:
-            out["joint_rows"] = torch.arange(joint_rows, device=input_ids.device)  # which pairs' mixups are CMC's targets
-        if self.mlm_head is not None:
-            if mlm_input_ids is None or mlm_labels is None:
-                raise ValueError("the mlm term needs mlm_input_ids and mlm_labels (see whole_word_mask)")
-            # [inferred] masked LANGUAGE modelling conditioned on the image: the joint [I; masked T]
-            # sequence, as ALBEF/ViLT do; the talk's diagram names masked multimodal modelling.
-            hidden = self.model.forward_features(
-                input_ids=mlm_input_ids, attention_mask=attention_mask, pixel_values=pixel_values
-            ).last_hidden_state
-            text_hidden = hidden[:, 1 + self.model.config.num_patches :]
-            where = mlm_labels != -100
-            logits = self.mlm_head(text_hidden[where]).float()
-            out["mlm_sum"] = F.cross_entropy(logits, mlm_labels[where], reduction="sum")
-            out["mlm_count"] = where.sum()
-        out["logit_scale"] = self.model.logit_scale
-        if self.logit_bias is not None:
-            out["logit_bias"] = self.logit_bias
-        return out
-
-
-def encode_pairs(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    pixel_values: torch.Tensor,
-    passes: set[str],
-    joint_rows: int | None = None,
-    joint_pixels: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Normalised embeddings of the requested passes (`image`, `text`, `joint`, `cross`), each `(n, d)`;
-    the `joint` pass (full attention) only of the first `joint_rows` pairs when given, and on
-    `joint_pixels` (e.g. a [`mosaic`]) instead of `pixel_values` when given."""
-    # `model.embed` returns tensors under every transformers version; the public `get_*_features`
-    # build output objects under transformers 5, which the hot path has no use for.
-    out: dict[str, torch.Tensor] = {}
-    if "image" in passes:
-        out["image"] = _normalize(model.embed(pixel_values=pixel_values))
-    if "text" in passes:
-        out["text"] = _normalize(model.embed(input_ids=input_ids, attention_mask=attention_mask))
-    for name, cross in (("joint", False), ("cross", True)):
-        if name in passes:
-            rows = slice(None) if cross or joint_rows is None else slice(0, joint_rows)
-            pixels = joint_pixels if name == "joint" and joint_pixels is not None else pixel_values
-            out[name] = _normalize(
-                model.embed(
-                    input_ids=input_ids[rows],
-                    pixel_values=pixels[rows],
-                    attention_mask=attention_mask[rows],
-                    cross_modal_attention=cross,
-                )
-            )
-    return out
 
 
 def mosaic(pixel_values: torch.Tensor) -> torch.Tensor:
@@ -377,7 +193,7 @@ def mosaic(pixel_values: torch.Tensor) -> torch.Tensor:
 
 def mixup(image: torch.Tensor, text: torch.Tensor, mix_weight: float = 0.5) -> torch.Tensor:
     """`normalize(lam * z_I + (1 - lam) * z_T)`: the common ground between the two modalities [talk]."""
-    return _normalize(mix_weight * image + (1.0 - mix_weight) * text)
+    return l2_normalize(mix_weight * image + (1.0 - mix_weight) * text)
 
 
 class Objective:
@@ -402,7 +218,7 @@ class Objective:
         """Weighted batch-level terms and each term's (unweighted) value.
 
         Args:
-            features: from [`OneRPretrainer.forward`] for the whole (local) batch.
+            features: from `oner.training.pretrainer.OneRPretrainer` for the whole (local) batch.
             targets: `image`/`text` of the EMA target encoder (no gradient) when momentum is on:
                 the mixup `m` is then built from them, MoCo-style [inferred]; otherwise from `features`,
                 with gradient through both sides.
@@ -483,38 +299,3 @@ def modality_gap(z_i: torch.Tensor, z_t: torch.Tensor) -> dict[str, torch.Tensor
         "gap/modality_probe_acc": correct / (len(z_i) + len(z_t)),
         "gap/pair_cosine": (z_i * z_t).sum(-1).mean(),
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Momentum (EMA) target encoder
-# ---------------------------------------------------------------------------------------------
-
-
-class EMATarget(nn.Module):
-    """A frozen copy of the model, updated as `t <- mu * t + (1 - mu) * online` after each step.
-
-    `mu` follows MoCo v3 / BYOL's cosine schedule from `momentum` to 1 over `total_steps`
-    [inferred: the talk says OneR started from MoCo v3]. Its `state_dict` goes into checkpoints.
-    """
-
-    def __init__(self, model: nn.Module, momentum: float, total_steps: int):
-        super().__init__()
-        self.target = copy.deepcopy(model).eval().requires_grad_(False)
-        self.base_momentum = momentum
-        self.total_steps = max(int(total_steps), 1)
-
-    def momentum_at(self, step: int) -> float:
-        progress = min(step / self.total_steps, 1.0)
-        return 1.0 - (1.0 - self.base_momentum) * (math.cos(math.pi * progress) + 1) / 2
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        mu = self.momentum_at(step)
-        online = dict(model.named_parameters())
-        for name, target in self.target.named_parameters():
-            target.mul_(mu).add_(online[name].detach().to(target.dtype), alpha=1.0 - mu)
-
-    @torch.no_grad()
-    def encode(self, input_ids, attention_mask, pixel_values) -> dict[str, torch.Tensor]:
-        """Target `image` and `text` embeddings `(n, d)`, normalised, without gradient."""
-        return encode_pairs(self.target, input_ids, attention_mask, pixel_values, {"image", "text"})

@@ -133,7 +133,7 @@ def embed_gallery(bundle: Bundle, path: Path = GALLERY_FILE) -> Gallery:
     images = []
     for file in files:
         with Image.open(file) as im:
-            images.append(im.convert("RGB"))
+            images.append(_to_rgb(im))
     return Gallery(files, captions, _image_embeds(bundle, images), _text_embeds(bundle, captions))
 
 
@@ -202,7 +202,10 @@ def _shrink(image: Image.Image) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with transparency composited on white (what the embedded data set's images look like)."""
+    """RGB, with transparency composited on white (what the embedded data set's images look like).
+
+    The same rule as the processor's `pil_to_rgb` (processing_oner/processing_oner.py), kept here
+    because a Space has only this folder."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -249,6 +252,7 @@ def apply_template(template: Any, label: str) -> str:
 # Embeddings
 # ---------------------------------------------------------------------------------------------
 def _normalize(x: torch.Tensor) -> torch.Tensor:
+    """Unit rows in fp32, as `modeling_oner.l2_normalize` (a Space has only this folder)."""
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
 
@@ -328,8 +332,14 @@ def patch_similarity(bundle: Bundle, picture: Image.Image, phrase: str) -> np.nd
     return (patches @ text).reshape(bundle.grid, bundle.grid).numpy()
 
 
-# Colour ramp for the heatmap (dark blue -> teal -> yellow), interpolated linearly.
-_RAMP = np.array([[48, 18, 59], [33, 145, 140], [253, 231, 37]], dtype=np.float32)
+# The heatmap's colour map: viridis (dark purple -> teal -> yellow), as oner-eval's heatmaps
+# (`oner.evaluation.localization.HEATMAP_COLORMAP`): matplotlib's viridis at 17 evenly spaced
+# points, interpolated linearly (within 6 of 255 levels of it; this folder runs without matplotlib).
+_RAMP = np.array([
+    [68, 1, 84], [72, 24, 106], [71, 45, 123], [66, 64, 134], [59, 82, 139], [51, 99, 141], [44, 114, 142],
+    [38, 130, 142], [33, 145, 140], [31, 160, 136], [40, 174, 128], [63, 188, 115], [94, 201, 98],
+    [132, 212, 75], [173, 220, 48], [216, 226, 25], [253, 231, 37],
+], dtype=np.float32)
 
 
 def heatmap_colors(values: np.ndarray) -> np.ndarray:

@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+QUICK_OVERRIDES = ("hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,projection_dim=32,"
+                   "image_size=32,patch_size=8,max_position_embeddings=16")
 
 
 def _run(args, env=None, timeout=240):
@@ -30,6 +33,33 @@ def test_speed_quick(tmp_path):
     assert len(data["derived"]["targets"]) == 4
     assert "| target |" in (tmp_path / "speed.md").read_text()
     assert (tmp_path / "speed_batch.png").stat().st_size > 1000
+
+
+def test_speed_times_train_py_own_step(monkeypatch):
+    """speed.py's trainers run train.py's `optimisation_step` (no copy of the step), bf16 as accelerate's
+    autocast around the forward, and read --overrides as train.py reads --config_overrides."""
+    import oner.training.loop as loop
+    from oner.training.args import parse_overrides
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import speed
+
+    assert speed.parse_overrides is parse_overrides
+    calls = []
+    real_step = loop.optimisation_step
+    monkeypatch.setattr(loop, "optimisation_step", lambda *a, **k: calls.append(a[0]) or real_step(*a, **k))
+    cfg = speed.oner_config("tiny", parse_overrides(QUICK_OVERRIDES))
+    batch = speed.make_batch(cfg, 4)
+    for kind, objective in (("oner", "xmc+cmc"), ("clip", None)):
+        trainer = speed.Trainer(kind, kind, cfg, objective, precision="bf16")
+        dtypes = []
+        projection = trainer.model.head if kind == "oner" else trainer.model.clip.visual_projection
+        projection.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+        before = [p.detach().clone() for p in trainer.params]
+        assert torch.isfinite(trainer.step(batch))
+        assert calls[-1] is trainer.pretrainer and dtypes and set(dtypes) == {torch.bfloat16}
+        assert any(not torch.equal(b, p) for b, p in zip(before, trainer.params))  # AdamW stepped
+    speed.reset_accelerate()
 
 
 def test_gpu_script_on_cpu(tmp_path):

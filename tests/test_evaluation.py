@@ -231,3 +231,26 @@ def test_pointing_chances_and_descriptions():
     assert description_of({"name": "tram car", "captions": ["tram car", "train"]}) == "train"
     assert description_of({"name": "ogre", "captions": ["ogre", "japanese ogre"]}) is None
     assert description_of({"name": "woman vampire", "captions": ["woman vampire", "vampire woman"]}) is None
+
+
+def test_seeded_subset_is_fixed_and_keeps_the_order():
+    from oner.evaluation.context import seeded_subset
+
+    items = list(range(100))
+    first = seeded_subset(items, 10)
+    assert first == seeded_subset(items, 10) == sorted(first) and len(set(first)) == 10
+    assert first != seeded_subset(items, 10, seed=1)
+    assert seeded_subset(items[:5], 10) == items[:5]  # fewer than asked: all of them
+
+
+def test_open_image_composites_on_white_and_outlives_its_file(tmp_path):
+    """Evaluation reads images with the processor's conversion (`pil_to_rgb`): transparency on white."""
+    from PIL import Image
+
+    from oner.evaluation.context import open_image
+
+    Image.new("RGBA", (6, 4), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    Image.new("RGB", (6, 4), "blue").save(tmp_path / "blue.png")
+    clear, blue = open_image(tmp_path / "clear.png"), open_image(tmp_path / "blue.png")
+    assert clear.mode == blue.mode == "RGB"
+    assert clear.getpixel((1, 1)) == (255, 255, 255) and blue.getpixel((1, 1)) == (0, 0, 255)

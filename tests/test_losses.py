@@ -75,7 +75,8 @@ def _batch(n=8):
 
 def _pretrainer(objective, kind, local):
     from modeling_oner import OneRConfig, OneRModel
-    from oner.objectives import Objective, ObjectiveConfig, OneRPretrainer, parse_objective
+    from oner.objectives import Objective, ObjectiveConfig, parse_objective
+    from oner.training.pretrainer import OneRPretrainer
 
     torch.manual_seed(0)
     model = OneRModel(OneRConfig.from_preset("tiny", **TINY))

@@ -109,6 +109,17 @@ def test_forward_has_clip_fields_and_loss(tiny_model, tiny_config):
     torch.testing.assert_close(as_tuple[0], out.logits_per_image)
 
 
+def test_l2_normalize_gives_unit_fp32_rows():
+    """The project's one normalisation (model scores, training features, evaluation) works in fp32."""
+    from modeling_oner.modeling_oner import l2_normalize
+
+    x = torch.randn(4, 8).to(torch.bfloat16)
+    out = l2_normalize(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(out, x.float() / x.float().norm(dim=-1, keepdim=True))
+
+
 def test_forward_scores_any_number_of_texts_per_image(tiny_model, tiny_config):
     pixel_values, input_ids, attention_mask = _inputs(tiny_config)
     out = tiny_model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values[:1])

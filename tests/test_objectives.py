@@ -3,17 +3,9 @@
 import pytest
 import torch
 
-from oner.objectives import (
-    TERMS,
-    EMATarget,
-    Objective,
-    ObjectiveConfig,
-    OneRPretrainer,
-    mixup,
-    parse_objective,
-    subword_table,
-    whole_word_mask,
-)
+from oner.objectives import TERMS, Objective, ObjectiveConfig, mixup, parse_objective
+from oner.training.mlm import subword_table, whole_word_mask
+from oner.training.pretrainer import EMATarget, OneRPretrainer
 
 
 @pytest.fixture

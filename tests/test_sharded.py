@@ -151,7 +151,8 @@ def test_fsdp_configs_shard_each_encoder_layer_and_save_full_state_dicts(name, t
     from accelerate.utils import FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import ShardingStrategy, StateDictType
 
-    from oner.objectives import ObjectiveConfig, OneRPretrainer
+    from oner.objectives import ObjectiveConfig
+    from oner.training.pretrainer import OneRPretrainer
 
     args, env_ = _launch_env(name)
     assert args.use_fsdp and env_["ACCELERATE_USE_FSDP"] == "true"
@@ -195,7 +196,8 @@ def test_deepspeed_config_is_zero2_and_takes_max_grad_norm():
 
 def test_scalar_parameters_are_promoted_and_saved_with_the_models_shapes(tiny_model, tiny_config):
     from modeling_oner import OneRModel
-    from oner.objectives import ObjectiveConfig, OneRPretrainer
+    from oner.objectives import ObjectiveConfig
+    from oner.training.pretrainer import OneRPretrainer
     from oner.training.sharding import build_model_for_saving, promote_scalar_parameters
 
     pretrainer = OneRPretrainer(tiny_model, ObjectiveConfig(weights={"xmc": 1.0}, pairwise="sigmoid"))
@@ -229,7 +231,8 @@ def test_a_missing_gradient_norm_leaves_the_decision_to_the_loss(tiny_model, tin
     """DeepSpeed's clip_grad_norm_ may return None: the step is judged by its loss alone."""
     from accelerate import Accelerator
 
-    from oner.objectives import Objective, ObjectiveConfig, OneRPretrainer
+    from oner.objectives import Objective, ObjectiveConfig
+    from oner.training.pretrainer import OneRPretrainer
     from oner.training.loop import optimisation_step
 
     accelerator = Accelerator(cpu=True)

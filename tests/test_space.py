@@ -174,6 +174,17 @@ def test_demo_reads_tensors_too(bundle, monkeypatch):
     torch.testing.assert_close(after[2], before[2])
 
 
+def test_heatmap_colours_are_the_evaluation_colour_map():
+    """The demo's overlay and oner-eval's heatmaps share one colour map."""
+    import matplotlib
+
+    from oner.evaluation.localization import HEATMAP_COLORMAP
+
+    values = np.linspace(0.0, 1.0, 101)
+    expected = matplotlib.colormaps[HEATMAP_COLORMAP](values)[:, :3] * 255
+    assert np.abs(oner_demo.heatmap_colors(values[None])[0] - expected).max() <= 6
+
+
 def test_overlay_marks_the_best_patch():
     sim = np.zeros((4, 4), dtype=np.float32)
     sim[3, 0] = 1.0

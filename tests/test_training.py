@@ -128,7 +128,9 @@ def _micro_batches(tiny_processor, n=8):
 def test_feature_cached_accumulation_equals_one_big_batch(tiny_config, tiny_processor, objective, kind):
     from accelerate import Accelerator
     from modeling_oner import OneRModel
-    from oner.objectives import Objective, ObjectiveConfig, OneRPretrainer, parse_objective, subword_table, whole_word_mask
+    from oner.objectives import Objective, ObjectiveConfig, parse_objective
+    from oner.training.mlm import subword_table, whole_word_mask
+    from oner.training.pretrainer import OneRPretrainer
     from oner.training.step import forward_backward
 
     accelerator = Accelerator(cpu=True)
@@ -258,11 +260,14 @@ def test_clip_baseline_trains_and_loads(pairs_dir, tmp_path):
     from oner.training import main
 
     out = tmp_path / "clip"
-    rc = main(tiny_args(pairs_dir, out, "--architecture", "clip", "--objective", "itc", "--max_steps", "4",
-                        "--checkpointing_steps", "0"))
+    clip = ("--architecture", "clip", "--objective", "itc", "--checkpointing_steps", "2", "--gradient_checkpointing")
+    assert main(tiny_args(pairs_dir, out, *clip, "--max_steps", "2")) == 0
+    # The adapter's CLIPModel weights go into the checkpoint and come back from it.
+    rc = main(tiny_args(pairs_dir, out, *clip, "--max_steps", "4", "--resume_from_checkpoint", "latest"))
     assert rc == 0
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
-    assert len(log) == 4 and all(r["loss"] > 0 for r in log)
+    steps = [r["step"] for r in log]  # the resumed run continues from step 2
+    assert steps[:3] == [1, 2, 3] and steps == list(range(1, len(steps) + 1)) and all(r["loss"] > 0 for r in log)
     model, processor = AutoModel.from_pretrained(out), AutoProcessor.from_pretrained(out)
     assert type(model).__name__ == "CLIPModel"
     assert model.config.vision_config.hidden_size == TINY["hidden_size"] == model.config.text_config.hidden_size
@@ -347,7 +352,8 @@ def test_feature_cached_accumulation_with_a_cmc_fraction(tiny_config, tiny_proce
     those rows' mixups. Checked against one batch reordered so that the same pairs come first."""
     from accelerate import Accelerator
     from modeling_oner import OneRModel
-    from oner.objectives import Objective, ObjectiveConfig, OneRPretrainer, parse_objective
+    from oner.objectives import Objective, ObjectiveConfig, parse_objective
+    from oner.training.pretrainer import OneRPretrainer
     from oner.training.step import forward_backward
 
     accelerator = Accelerator(cpu=True)

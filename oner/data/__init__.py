@@ -4,11 +4,10 @@ Public API (imported lazily so that ``import oner.data`` stays cheap):
 
 - ``build_embedded_dataset(root=None, seed=0, progress=True, limit=None) -> Path``
 - ``load_image_text_dataset(source, *, image_column=None, text_column=None, split="train", streaming=None)``
-- ``shard_for_rank(ds, rank, world_size)``
 - ``ImageTextCollator(processor, image_transform=None, text_transform=None, stats=None)``
 - ``ImageAugment``, ``TextAugment``, ``flip_allowed``
 - ``DataStats``, ``DAMAGE_KINDS``
-- ``load_concepts``, ``pick_concepts``
+- ``load_concepts``
 """
 
 from __future__ import annotations
@@ -19,10 +18,8 @@ _EXPORTS = {
     "build_embedded_dataset": "embedded",
     "default_root": "embedded",
     "read_manifest": "embedded",
-    "on_white": "embedded",
     "SPLITS": "embedded",
     "load_image_text_dataset": "pairs",
-    "shard_for_rank": "pairs",
     "decode_image": "pairs",
     "ImageTextDataset": "pairs",
     "ImageTextIterableDataset": "pairs",
@@ -35,7 +32,6 @@ _EXPORTS = {
     "DAMAGE_KINDS": "stats",
     "Concept": "concepts",
     "load_concepts": "concepts",
-    "pick_concepts": "concepts",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,10 +2,9 @@
 
 Determinism: each transform owns a ``numpy.random.Generator`` made from ``seed``; a call may pass
 its own ``rng`` (a numpy Generator or a ``torch.Generator``, from which one seed is drawn, advancing
-it) instead. To resume a run exactly, save ``transform.state_dict()`` with the checkpoint and
-``load_state_dict`` it back. With DataLoader workers each worker holds a copy of the transform:
-seed each worker (``worker_init_fn`` calling ``transform.reseed(base_seed + worker_id)``) so that
-workers do not repeat each other's draws.
+it) instead. Training passes one per sample, seeded from the run's seed, the epoch and the sample's
+index (``oner.training.data``), so draws depend on no worker's or process's history and a resumed
+run repeats them.
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
+
+from processing_oner.processing_oner import pil_to_rgb
 
 # Concepts whose meaning changes in a mirror image: directions, text and digits, clocks, flags.
 _NO_FLIP = re.compile(
@@ -48,21 +49,10 @@ def _as_numpy_rng(rng: Any) -> np.random.Generator:
 
 
 class _Seeded:
-    """A transform owning a seeded numpy Generator, with state_dict for exact resume."""
+    """A transform owning a seeded numpy Generator, used when a call passes no ``rng``."""
 
     def __init__(self, seed: int | None) -> None:
-        self.reseed(seed)
-
-    def reseed(self, seed: int | None) -> None:
-        """Restart the transform's own generator from ``seed``."""
         self.rng = np.random.default_rng(seed)
-
-    def state_dict(self) -> dict:
-        """The generator state (JSON-serialisable) to store in a checkpoint."""
-        return {"bit_generator": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["bit_generator"]
 
     def _rng(self, rng: Any) -> np.random.Generator:
         return self.rng if rng is None else _as_numpy_rng(rng)
@@ -114,8 +104,7 @@ class ImageAugment(_Seeded):
     def __call__(self, image: Image.Image, *, allow_flip: bool = True, rng: Any = None) -> Image.Image:
         """Augment one image; ``allow_flip=False`` for direction- or text-bearing concepts."""
         rng = self._rng(rng)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = pil_to_rgb(image)
         box = self._crop_box(rng, *image.size)
         image = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
         # Always draw, even when not flipping, so the random stream does not depend on allow_flip.

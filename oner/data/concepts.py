@@ -11,11 +11,8 @@ same on every machine.
 from __future__ import annotations
 
 import re
-import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 SKIN_TONES = frozenset(range(0x1F3FB, 0x1F400))  # Fitzpatrick modifiers
 _VARIATION_SELECTOR = 0xFE0F
@@ -303,21 +300,3 @@ def load_concepts(include_skin_tones: bool = True) -> list[Concept]:
             )
         )
     return concepts
-
-
-def pick_concepts(concepts: list[Concept], n: int, seed: int = 0, *, skin_tones: bool = False) -> list[Concept]:
-    """A deterministic subset of ``n`` concepts for evaluation (same seed -> same subset, sorted).
-
-    Skin-tone variants are left out by default: they look like their base emoji and would make
-    N-way classification ambiguous.
-    """
-    pool = [c for c in concepts if skin_tones or not c.skin_tone]
-    if n >= len(pool):
-        return list(pool)
-    idx = np.random.default_rng(seed).choice(len(pool), size=n, replace=False)
-    return [pool[i] for i in sorted(idx.tolist())]
-
-
-def unicode_name(emoji_str: str) -> str:
-    """Unicode character name of a single-code-point emoji (for docs and debugging)."""
-    return unicodedata.name(emoji_str[0], "").lower()

@@ -24,7 +24,13 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 
+from processing_oner.processing_oner import pil_to_rgb
+
 from .concepts import Concept, load_concepts
+
+# The one RGB conversion (transparency on white) is the processor's: what the model sees at inference.
+# `on_white` is the name oner/data/pairs.py imports it by.
+on_white = pil_to_rgb
 
 EMBEDDED_VERSION = "1"
 SPLITS = ("twemoji", "openmoji", "composites")
@@ -192,15 +198,6 @@ def _write_split(folder: Path, rows: Iterable[tuple[str, Image.Image, dict]], ba
     return n
 
 
-def on_white(image: Image.Image) -> Image.Image:
-    """RGB copy of ``image`` with any transparency composited on a white background."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def _twemoji_rgba(concept: Concept) -> Image.Image:
     """The Twemoji PNG of a concept, as RGBA at its native 72x72."""
     from .concepts import twemoji_png_dir
@@ -211,7 +208,7 @@ def _twemoji_rgba(concept: Concept) -> Image.Image:
 
 def _twemoji_rows(concepts: list[Concept]):
     for c in concepts:
-        yield f"{c.key}.png", on_white(_twemoji_rgba(c)), c.metadata()
+        yield f"{c.key}.png", pil_to_rgb(_twemoji_rgba(c)), c.metadata()
 
 
 def openmoji_font_path() -> Path:

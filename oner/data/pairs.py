@@ -201,26 +201,6 @@ class ImageTextIterableDataset(torch.utils.data.IterableDataset):
         return list(self.hf_dataset.column_names or [])
 
 
-def shard_for_rank(ds, rank: int, world_size: int):
-    """The part of ``ds`` that process ``rank`` of ``world_size`` reads (no overlap between ranks).
-
-    Works on our wrappers (sharing their ``DataStats``) and on plain ``datasets`` objects, through
-    ``datasets.distributed.split_dataset_by_node``. For streams whose shard count divides
-    ``world_size`` each rank reads whole shards; otherwise each rank keeps every world_size-th example.
-    """
-    from datasets.distributed import split_dataset_by_node
-
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    if isinstance(ds, ImageTextDataset):
-        part = split_dataset_by_node(ds.hf_dataset, rank=rank, world_size=world_size)
-        return ImageTextDataset(part, ds.image_column, ds.text_column, ds.stats, ds.base_dir)
-    if isinstance(ds, ImageTextIterableDataset):
-        part = split_dataset_by_node(ds.hf_dataset, rank=rank, world_size=world_size)
-        return ImageTextIterableDataset(part, ds.image_column, ds.text_column, ds.stats)
-    return split_dataset_by_node(ds, rank=rank, world_size=world_size)
-
-
 # ----------------------------------------------------------------------------------------------
 # Sources
 # ----------------------------------------------------------------------------------------------

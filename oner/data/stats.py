@@ -65,11 +65,6 @@ class DataStats:
         out["skipped"] = sum(out[k] for k in DAMAGE_KINDS)
         return out
 
-    @property
-    def skipped(self) -> int:
-        """Number of samples skipped for any damage kind."""
-        return self.as_dict()["skipped"]
-
     def summary(self, counts: dict[str, int] | None = None) -> str:
         """A one-line human report, e.g. ``data: 998 ok, 2 skipped (truncated: 1, empty_caption: 1)``,
         of these counters or of ``counts`` (an ``as_dict()``, e.g. summed over processes)."""
@@ -81,10 +76,6 @@ class DataStats:
         if d["dropped_in_collate"]:
             text += f", {d['dropped_in_collate']} dropped in collate"
         return text
-
-    def reset(self) -> None:
-        """Set every counter back to zero (e.g. at the start of an epoch)."""
-        self._counts.zero_()
 
     def __repr__(self) -> str:
         return f"DataStats({self.summary()})"

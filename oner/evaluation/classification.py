@@ -13,10 +13,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from modeling_oner.modeling_oner import l2_normalize
 
 from .base import Suite
-from .context import BenchmarkError, EvalContext, ImageLike, rank
+from .context import BenchmarkError, EvalContext, ImageLike, rank, seeded_subset
 from .embedded_data import read_split
 
 #: Default templates for emoji (several phrasings; "{}" is the class name).
@@ -46,7 +47,7 @@ def class_embeddings(ctx: EvalContext, class_names: Sequence[str], templates: Se
     """`C` names x `T` templates -> `(C, projection_dim)`: normalised mean of normalised prompts."""
     prompts = [t.format(name) for name in class_names for t in templates]
     emb = ctx.encode_texts(prompts, desc="class prompts").reshape(len(class_names), len(templates), -1)
-    return F.normalize(emb.mean(dim=1), dim=-1)
+    return l2_normalize(emb.mean(dim=1))
 
 
 def zero_shot_classification(ctx: EvalContext, images: list[ImageLike], labels: list[int],
@@ -90,11 +91,8 @@ class EmbeddedClassification(Suite):
     def run(self, ctx: EvalContext) -> dict[str, float | int]:
         rows = read_split(ctx.data_root, self.split)
         if self.n_classes is not None:
-            values = sorted({r[self.field_name] for r in rows})
-            if len(values) > self.n_classes:
-                keep = np.random.default_rng(0).choice(len(values), size=self.n_classes, replace=False)
-                wanted = {values[i] for i in keep.tolist()}
-                rows = [r for r in rows if r[self.field_name] in wanted]
+            wanted = set(seeded_subset(sorted({r[self.field_name] for r in rows}), self.n_classes))
+            rows = [r for r in rows if r[self.field_name] in wanted]
         rows = ctx.cap(rows)
         class_values = sorted({r[self.field_name] for r in rows})
         index = {v: i for i, v in enumerate(class_values)}
@@ -163,9 +161,8 @@ def load_labelled_images(folder: Path, class_folders: list[str], max_items: int 
     stats = DataStats()
     files = [(label, p) for label, name in enumerate(class_folders)
              for p in sorted((folder / name).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if max_items is not None and len(files) > max_items:
-        keep = np.sort(np.random.default_rng(0).choice(len(files), size=max_items, replace=False))
-        files = [files[i] for i in keep.tolist()]
+    if max_items is not None:
+        files = seeded_subset(files, max_items)
     images, labels = [], []
     for label, path in files:
         try:

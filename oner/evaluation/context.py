@@ -13,8 +13,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
+
+from modeling_oner.modeling_oner import l2_normalize
+from processing_oner.processing_oner import pil_to_rgb
 
 
 class BenchmarkError(ValueError):
@@ -47,9 +49,9 @@ def load_model_and_processor(model_dir: str | Path, device: str | torch.device |
     except (OSError, ValueError, KeyError) as e:
         raise BenchmarkError(f"cannot load a OneR model from {model_dir}: {e}") from e
     if type(model).__name__ == "CLIPModel":  # the two-tower baseline of train.py --architecture clip
-        from .clip_baseline import clip_adapter
+        from oner.baseline import CLIPAsOneR
 
-        model = clip_adapter(model)
+        model = CLIPAsOneR(model)
     for method in ("get_image_features", "get_text_features", "get_patch_features", "get_multimodal_features"):
         if not hasattr(model, method):
             raise BenchmarkError(f"{model_dir} holds a {type(model).__name__}, not a OneR model (no {method})")
@@ -61,7 +63,7 @@ def load_model_and_processor(model_dir: str | Path, device: str | torch.device |
 def pooled(out: Any) -> torch.Tensor:
     """The `(n, d)` embedding from `get_image/text/multimodal_features`: `pooler_output` of the output
     object transformers 5's convention returns (OneR and CLIP alike), the tensor itself otherwise
-    (transformers 4.x, model folders saved before OneR followed the convention, [`CLIPForOneREval`])."""
+    (transformers 4.x, and model folders saved before OneR followed the convention)."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
@@ -72,13 +74,12 @@ def patch_tokens(out: Any) -> torch.Tensor:
 
 
 def open_image(item: ImageLike) -> Image.Image:
-    """A PIL image from a PIL image or a path (RGB; transparency on white, as the data set stores it)."""
+    """A PIL image from a PIL image or a path (RGB; transparency on white, as the data set stores it and
+    OneR's processor does: its `pil_to_rgb`)."""
     if isinstance(item, Image.Image):
         return item
-    from oner.data import on_white
-
     with Image.open(item) as im:
-        return on_white(im)
+        return pil_to_rgb(im).copy()  # a copy: the file (and `im`, when it is RGB already) closes here
 
 
 @dataclass
@@ -136,27 +137,24 @@ class EvalContext:
     def encode_images(self, images: Sequence[ImageLike], desc: str = "images", cache_key=None) -> torch.Tensor:
         """`n` images -> `(n, projection_dim)` normalised image embeddings."""
         def compute():
-            return F.normalize(
+            return l2_normalize(
                 self._batched(len(images), f"encoding {desc}",
                               lambda s: pooled(self.model.get_image_features(pixel_values=self._pixels(images[s])))),
-                dim=-1,
             )
         return self._memo(("image", cache_key), compute) if cache_key is not None else compute()
 
     def encode_texts(self, texts: Sequence[str], desc: str = "texts") -> torch.Tensor:
         """`n` texts -> `(n, projection_dim)` normalised text embeddings."""
-        return F.normalize(
+        return l2_normalize(
             self._batched(len(texts), f"encoding {desc}", lambda s: pooled(self.model.get_text_features(**self._tokens(texts[s])))),
-            dim=-1,
         )
 
     def encode_patches(self, images: Sequence[ImageLike], desc: str = "patches", cache_key=None) -> torch.Tensor:
         """`n` images -> `(n, num_patches, projection_dim)` normalised patch embeddings (row-major grid)."""
         def compute():
-            return F.normalize(
+            return l2_normalize(
                 self._batched(len(images), f"encoding {desc}",
                               lambda s: patch_tokens(self.model.get_patch_features(self._pixels(images[s])))),
-                dim=-1,
             )
         return self._memo(("patch", cache_key), compute) if cache_key is not None else compute()
 
@@ -164,22 +162,27 @@ class EvalContext:
         """`n` (image i, text i) pairs, each ONE joint sequence -> `(n, projection_dim)` normalised."""
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images but {len(texts)} texts")
-        return F.normalize(
+        return l2_normalize(
             self._batched(
                 len(images), f"encoding {desc}",
                 lambda s: pooled(
                     self.model.get_multimodal_features(pixel_values=self._pixels(images[s]), **self._tokens(texts[s]))
                 ),
             ),
-            dim=-1,
         )
 
     def cap(self, items: list, seed: int = 0) -> list:
-        """At most `max_items` of `items`: a seeded random subset in the original order (all if no cap)."""
-        if self.max_items is None or len(items) <= self.max_items:
-            return list(items)
-        keep = np.sort(np.random.default_rng(seed).choice(len(items), size=int(self.max_items), replace=False))
-        return [items[i] for i in keep.tolist()]
+        """At most `max_items` of `items`: a [`seeded_subset`] (all if no cap)."""
+        return list(items) if self.max_items is None else seeded_subset(items, self.max_items, seed)
+
+
+def seeded_subset(items: Sequence, size: int, seed: int = 0) -> list:
+    """`size` of `items` drawn without replacement by a generator seeded with `seed`, kept in their
+    original order (all of them when there are no more): the same subset on every run."""
+    if len(items) <= size:
+        return list(items)
+    keep = np.sort(np.random.default_rng(seed).choice(len(items), size=int(size), replace=False))
+    return [items[i] for i in keep.tolist()]
 
 
 # ---------------------------------------------------------------------- ranking and chance

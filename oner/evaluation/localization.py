@@ -17,7 +17,11 @@ import numpy as np
 import torch
 
 from .base import Suite
-from .context import EvalContext
+from .context import EvalContext, open_image
+
+# The heatmaps' colour map, the demo's too (space/oner_demo.py's `_RAMP` samples it): perceptually
+# uniform and readable in grey and by colour-blind readers, unlike jet.
+HEATMAP_COLORMAP = "viridis"
 from .embedded_data import read_split
 
 
@@ -130,9 +134,8 @@ def save_heatmap(ctx: EvalContext, image_path: str, query: str, box: list[float]
 
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt
-    from PIL import Image
 
-    image = np.asarray(Image.open(image_path).convert("RGB"))
+    image = np.asarray(open_image(image_path))
     h, w = image.shape[:2]
     grid = ctx.grid_size
     prob = torch.softmax(torch.from_numpy(sims).float() * ctx.model.logit_scale.exp().item(), dim=0)
@@ -140,7 +143,7 @@ def save_heatmap(ctx: EvalContext, image_path: str, query: str, box: list[float]
                                            align_corners=False)[0, 0].clamp(min=0).numpy()
     fig, ax = plt.subplots(figsize=(3, 3.3), dpi=100)
     ax.imshow(image)
-    ax.imshow(heat, cmap="jet", alpha=0.45)
+    ax.imshow(heat, cmap=HEATMAP_COLORMAP, alpha=0.45)
     x0, y0, x1, y1 = box
     ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=2))
     ax.plot([point[0]], [point[1]], marker="x", color="red", markersize=10, markeredgewidth=2)

@@ -1,5 +1,7 @@
-"""Pretraining machinery behind `train.py`: flags, data adapter, steps (with feature caching),
-checkpoints, tracking. The objectives live in `oner.objectives`, the distributed loss in `oner.losses`."""
+"""Pretraining machinery behind `train.py`: flags, data adapter, the wrapper DDP wraps (`pretrainer`:
+features of a micro-batch, the EMA target), the MLM head and masking (`mlm`), steps (with feature
+caching), checkpoints, tracking. The objective terms live in `oner.objectives`, the distributed loss
+in `oner.losses`."""
 
 from .args import build_parser, parse_args
 from .loop import main, train

@@ -18,12 +18,14 @@ from accelerate.utils import DistributedDataParallelKwargs, broadcast, send_to_d
 from tqdm.auto import tqdm
 
 from oner.losses import clamp_logit_scale_
-from oner.objectives import EMATarget, Objective, ObjectiveConfig, OneRPretrainer, subword_table, whole_word_mask
+from oner.objectives import Objective, ObjectiveConfig
 
 from .args import parse_args
 from .checkpointing import (TrainState, check_checkpoint, list_checkpoints, load_process_state, resolve_resume,
                             save_checkpoint)
 from .data import StreamingPairs, make_dataloader, make_stream_loader, open_train_data
+from .mlm import subword_table, whole_word_mask
+from .pretrainer import EMATarget, OneRPretrainer
 from .runtime import choose_attn_implementation, choose_mixed_precision, configure_threads
 from .sharding import (
     build_model_for_saving,

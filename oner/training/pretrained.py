@@ -217,7 +217,8 @@ def preset_name(config, architecture: str) -> str:
 
 
 def load_pretrained(source: Source, architecture: str, attn_implementation: str | None, apply: dict):
-    """`(model, processor)` from `source`, in fp32 for training; `SourceError` when they do not load."""
+    """`(model, processor)` from `source`, in fp32 for training (a CLIP baseline behind
+    `oner.baseline.CLIPAsOneR`); `SourceError` when they do not load."""
     import torch
 
     where = {"revision": source.revision} if source.revision else {}
@@ -246,4 +247,8 @@ def load_pretrained(source: Source, architecture: str, attn_implementation: str 
     if architecture != "clip" and processor.image_size != model.config.image_size:
         raise SourceError(f"--model_name_or_path {source.label}: its processor makes {processor.image_size} px "
                           f"images but the model takes {model.config.image_size} px")
+    if architecture == "clip":
+        from oner.baseline import CLIPAsOneR
+
+        model = CLIPAsOneR(model)  # training reads the baseline through OneR's interface, as `build_clip` gives it
     return model, processor

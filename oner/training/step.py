@@ -61,9 +61,9 @@ def forward_backward(
     """Forward and backward of one step over `micro_batches` (one or more); returns the loss and its terms.
 
     Args:
-        model: the (accelerate-prepared) [`OneRPretrainer`] or CLIP wrapper.
+        model: the (accelerate-prepared) [`oner.training.pretrainer.OneRPretrainer`].
         micro_batches: dicts of tensors; with more than one, features are cached (see module doc).
-        ema: optional [`EMATarget`] producing the mixup targets.
+        ema: optional [`oner.training.pretrainer.EMATarget`] producing the mixup targets.
 
     Returns:
         `(loss, parts)`: the detached total loss of the whole step and each term's value.
