@@ -5,7 +5,8 @@
     python train.py --config configs/base-patch16-224-cc3m.yaml   # the paper's setup (launch it on GPUs)
     python train.py --help                          # every flag (docs/training.md explains them)
 
-The recipe, step by step (each step is a function of `oner.training.loop`):
+The recipe, step by step (`oner.training.setup` builds the run, `oner.training.loop` trains it,
+`oner.training.finish` ends it):
 
 1. flags and `--config` -> `parse_args`; every input is validated before anything is written;
 2. model: `OneRModel` of `--preset` (or transformers' `CLIPModel` behind `oner.baseline.CLIPAsOneR`,

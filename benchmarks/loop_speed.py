@@ -40,8 +40,8 @@ def bare_step(train_argv: list[str], repeats: int, calls: int) -> dict:
 
     from oner.objectives import Objective
     from oner.training.args import parse_args
-    from oner.training.loop import (build_model, make_accelerator, make_optimizer, make_scheduler,
-                                    objective_config, optimisation_step)
+    from oner.training.loop import optimisation_step
+    from oner.training.setup import build_model, make_accelerator, make_optimizer, make_scheduler, objective_config
     from oner.training.checkpointing import TrainState
     from oner.training.data import make_dataloader, open_train_data
     from oner.training.runtime import configure_threads

@@ -7,7 +7,7 @@ What is timed (medians over repeats; the order of the models rotates every repea
   backward, NaN/inf check, grad-norm clip, AdamW with train.py's parameter groups and defaults,
   scheduler, logit-scale clamp), in pairs/s, for: OneR + naive ITC, OneR + the full objective
   (`oner.objectives.FULL_OBJECTIVE`, xmc+cmc), CLIPModel + its contrastive loss (train.py's
-  `--architecture clip` path: `oner.baseline.CLIPAsOneR` in `CLIPPretrainer` + ITC);
+  `--architecture clip` path: `oner.baseline.CLIPAsOneR` in `OneRPretrainer` + ITC);
 - inference: image embeddings/s and text embeddings/s (`get_image_features` / `get_text_features`);
 - memory: parameter + gradient + AdamW state bytes (exact), and the peak RSS growth over the first
   two training steps of a freshly built model in a child process (Linux `VmHWM` after resetting it
@@ -71,23 +71,22 @@ class Trainer:
         from oner.objectives import Objective, ObjectiveConfig, parse_objective
         from oner.training.args import parse_args
         from oner.training.checkpointing import TrainState
-        from oner.training.loop import make_optimizer, make_scheduler
+        from oner.training.setup import make_optimizer, make_scheduler
         from oner.training.pretrainer import OneRPretrainer
 
         self.name, self.kind, self.objective_spec, self.precision = name, kind, objective, precision
-        if kind == "clip":
-            from oner.baseline import CLIPPretrainer, build_clip
+        if kind == "clip":  # the baseline behind OneR's interface, as train.py --architecture clip builds it
+            from oner.baseline import build_clip
 
             self.model, _ = build_clip(cfg)
-            self.pretrainer = CLIPPretrainer(self.model)
-            self.objective = Objective(ObjectiveConfig(weights={"itc": 1.0}))
+            oc = ObjectiveConfig(weights={"itc": 1.0})
         else:
             from modeling_oner import OneRModel
 
             self.model = OneRModel(cfg)
             oc = ObjectiveConfig(weights=parse_objective(objective))
-            self.pretrainer = OneRPretrainer(self.model, oc)
-            self.objective = Objective(oc)
+        self.pretrainer = OneRPretrainer(self.model, oc)
+        self.objective = Objective(oc)
         self.args = parse_args([])
         self.accelerator = accelerator_for(precision, device)
         state = TrainState()
@@ -112,7 +111,7 @@ class Trainer:
         from oner.training.loop import optimisation_step
 
         loss, _, _, _ = optimisation_step(self.pretrainer, self.objective, [batch], self.accelerator, self.optimizer,
-                                          self.scheduler, None, self.args, poison=False)
+                                          self.scheduler, None, self.args)
         return loss
 
     @torch.inference_mode()

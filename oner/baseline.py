@@ -210,15 +210,6 @@ class CLIPAsOneR(nn.Module):
         return l2_normalize(image) + l2_normalize(text)
 
 
-def CLIPPretrainer(model: CLIPAsOneR) -> nn.Module:  # noqa: N802 - the name oner/training/loop.py imports
-    """The training wrapper of the baseline: [`oner.training.pretrainer.OneRPretrainer`] around the
-    adapter with naive ITC, the only term two towers train (features `image`, `text`, `logit_scale`)."""
-    from oner.objectives import ObjectiveConfig
-    from oner.training.pretrainer import OneRPretrainer
-
-    return OneRPretrainer(model, ObjectiveConfig(weights={"itc": 1.0}))
-
-
 def build_clip(oner_config) -> tuple[CLIPAsOneR, CLIPProcessor]:
     """A freshly initialised two-tower baseline (behind [`CLIPAsOneR`]) and its processor, with
     OneR's attention kernel."""

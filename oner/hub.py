@@ -191,14 +191,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--space", dest="space_id", default=None, metavar="SPACE_ID",
                         help="also publish the space/ demo as a Gradio Space serving the model")
     args = parser.parse_args(argv)
+    from oner.training.finish import complete_folder, publish
+
     try:
-        url = push_folder(args.model_dir, args.repo_id, private=args.private, space_id=args.space_id)
+        check_repo_id(args.repo_id)
+        if args.space_id is not None:
+            check_repo_id(args.space_id, "Space id")
+        model_dir = check_model_folder(args.model_dir)
+        if not (model_dir / "README.md").is_file():
+            # A folder whose run did not finish (or from oner-init): the card train.py would have
+            # written, from its training_summary.json and eval_results.json where they exist.
+            complete_folder(model_dir, evaluate=False)
+        publish(model_dir, args.repo_id, private=args.private, space_id=args.space_id)
     except PushError as e:
         print(f"oner-push: error: {e}", file=sys.stderr)
         return 2
-    print(f"pushed {args.model_dir} to {url}")
-    if args.space_id:
-        print(f"Space: https://huggingface.co/spaces/{args.space_id}")
     return 0
 
 

@@ -59,13 +59,13 @@ def test_the_adapter_reads_like_a_oner_model(clip_and_batch):
 
 
 def test_the_training_wrapper_trains_the_clip_weights(clip_and_batch):
-    from oner.baseline import CLIPPretrainer
     from oner.objectives import Objective, ObjectiveConfig
+    from oner.training.pretrainer import OneRPretrainer
 
     _, model, batch = clip_and_batch
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # --gradient_checkpointing
     assert model.clip.vision_model.encoder.gradient_checkpointing and model.clip.text_model.encoder.gradient_checkpointing
-    pretrainer = CLIPPretrainer(model.train())
+    pretrainer = OneRPretrainer(model.train(), ObjectiveConfig(weights={"itc": 1.0}))
     features = pretrainer(**batch)
     assert set(features) == {"image", "text", "logit_scale"}
     torch.testing.assert_close(features["image"].norm(dim=-1), torch.ones(3))

@@ -153,6 +153,21 @@ def test_cli_never_prints_the_token(model_folder, monkeypatch, capsys):
     assert api.calls[1][2]["token"] == TOKEN  # taken from HF_TOKEN
 
 
+def test_cli_writes_the_card_a_finished_run_would_have_written(tiny_model_dir, monkeypatch, capsys):
+    api = FakeHfApi()
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr("huggingface_hub.HfApi", lambda: api)
+    summary = {"preset": "tiny", "objective": "xmc+cmc", "steps": 7, "train_data": "my-shards-{0..3}.tar"}
+    (tiny_model_dir / "training_summary.json").write_text(json.dumps(summary))
+    assert not (tiny_model_dir / "README.md").exists()
+    assert hub.main([str(tiny_model_dir), "someone/oner-tiny"]) == 0
+    card = (tiny_model_dir / "README.md").read_text()
+    assert "my-shards-{0..3}.tar" in card  # oner.training.finish.complete_folder wrote it from the summary
+    uploaded = next(c for c in api.calls if c[0] == "upload_folder")[2]["files"]
+    assert "README.md" in uploaded
+    assert "pushed" in capsys.readouterr().out
+
+
 def test_cli_bad_repo_id_exits_2(model_folder, capsys):
     assert hub.main([str(model_folder), "not a repo", "--space", "x/y"]) == 2
     assert "invalid repo id" in capsys.readouterr().err

@@ -89,6 +89,8 @@ def test_flags_override_the_config_file(tmp_path):
     (["--no_such_flag"], "unrecognized arguments"),
     (["--objective", "xmc+nope"], "unknown objective term 'nope'"),
     (["--architecture", "clip", "--objective", "xmc"], "ITC only"),
+    (["--architecture", "clip", "--objective", "itc", "--pairwise_loss", "sigmoid"], "no logit bias to save"),
+    (["--architecture", "clip", "--objective", "itc", "--momentum", "0.9"], "trains ITC only"),
     (["--config_overrides", "hidden_sise=3"], "known OneRConfig field"),
     (["--push_to_hub", "--hub_model_id", "not a/valid/id"], "invalid --hub_model_id"),
     (["--push_to_hub", "--hub_model_id", "someone/oner-tiny"], "no Hugging Face token"),
@@ -254,6 +256,16 @@ def test_resume_with_other_settings_is_refused(pairs_dir, tmp_path, capsys):
     assert rc == 1 and "settings differ" in capsys.readouterr().err
 
 
+def test_a_resume_may_extend_max_steps(pairs_dir, tmp_path):
+    from oner.training import main
+
+    out = tmp_path / "run"
+    assert main(tiny_args(pairs_dir, out, "--max_steps", "2", "--checkpointing_steps", "2")) == 0
+    assert main(tiny_args(pairs_dir, out, "--max_steps", "5", "--resume_from_checkpoint", "latest")) == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 5  # the schedule is this run's, not the checkpoint's
+
+
 def test_clip_baseline_trains_and_loads(pairs_dir, tmp_path):
     from transformers import AutoModel, AutoProcessor
 
@@ -300,7 +312,7 @@ def test_oner_run_writes_the_folder(pairs_dir, tmp_path):
 def _time_budget_scheduler(state, minutes=1.0, warmup=2):
     from types import SimpleNamespace
 
-    from oner.training.loop import make_scheduler
+    from oner.training.setup import make_scheduler
 
     args = SimpleNamespace(lr_scheduler_type="cosine", warmup_steps=warmup, max_train_minutes=minutes)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

@@ -219,6 +219,11 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error(f"--objective: {e}")
     if args.architecture == "clip" and set(args.objective_weights) != {"itc"}:
         parser.error(f"--architecture clip trains with ITC only (two towers have no joint pass); got --objective {args.objective}")
+    if args.architecture == "clip" and args.pairwise_loss == "sigmoid":
+        parser.error("--architecture clip trains transformers' CLIPModel, which has no logit bias to save for the "
+                     "sigmoid loss: train the baseline with --pairwise_loss softmax")
+    if args.architecture == "clip" and args.momentum > 0:
+        parser.error("--momentum makes the mixup targets of XMC/CIC/CMC; --architecture clip trains ITC only")
     try:
         from oner.objectives import ObjectiveConfig
 

@@ -1,0 +1,118 @@
+"""The end of a run: the model folder, its training summary and loss curve, evaluation, the model
+card, and the push. `complete_folder` (evaluate + card) and `publish` are also what `oner-push`
+uses on a folder, so a folder published by hand gets the same card and the same upload as one
+published by `train.py --push_to_hub`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from modeling_oner import OneRModel
+from oner.baseline import CLIPAsOneR, save_clip_folder
+from oner.evaluation import run_benchmark
+from oner.hub import push_folder
+from oner.model_card import write_model_card
+from oner.model_folder import save_model_folder
+
+from .data import StreamingPairs
+from .tracking import PLOT_NAME, plot_loss_curve
+
+SUMMARY_FILE = "training_summary.json"
+
+
+def save_trained_folder(model: OneRModel | CLIPAsOneR, processor, output_dir: Path) -> Path:
+    """The folder users load: OneR with its remote code, or the baseline as a plain CLIPModel."""
+    if isinstance(model, CLIPAsOneR):
+        return save_clip_folder(model, processor, output_dir)
+    return save_model_folder(model, processor, output_dir)
+
+
+def training_summary(args, model, state, dataset, records: list[dict], global_batch: int, data_stats: dict) -> dict:
+    """What ran, for `training_summary.json` and the model card (unset entries left out)."""
+    streamed = isinstance(dataset, StreamingPairs)
+    summary = {
+        "architecture": args.architecture,
+        "preset": args.preset,
+        # --model_name_or_path: what this run continued from; a Hub id is also the card's base_model.
+        "continued_from": getattr(args, "source_model", None),
+        "base_model": None if getattr(args, "source_is_local", True) else args.model_name_or_path,
+        "objective": args.objective,
+        "xmc_form": args.xmc_form if "xmc" in args.objective_weights else None,
+        "cmc_context": args.cmc_context if "cmc" in args.objective_weights else None,
+        "cmc_fraction": args.cmc_fraction if "cmc" in args.objective_weights else None,
+        "temperature": args.temperature,
+        "pooling": getattr(model.config, "pooling", None),
+        "pairwise_loss": args.pairwise_loss,
+        "train_data": args.train_data,
+        "pairs": None if streamed else len(dataset),
+        "streamed": streamed or None,
+        "steps": state.step,
+        "skipped_steps": state.skipped_steps,
+        "train_minutes": round(state.train_seconds / 60, 2),
+        "global_batch_size": global_batch,
+        "per_device_batch_size": args.per_device_batch_size,
+        "accum_freq": args.accum_freq,
+        "learning_rate": args.learning_rate,
+        "mixed_precision": args.mixed_precision,
+        "attn_implementation": args.attn_implementation,
+        "seed": args.seed,
+        "final_loss": records[-1].get("loss") if records else None,
+        "data_stats": data_stats,
+    }
+    return {k: v for k, v in summary.items() if v is not None}
+
+
+def finish_run(model, processor, args, state, dataset, log, global_batch: int, data_stats: dict) -> int:
+    """Main process only, after training: save, summarise, evaluate, write the card, push."""
+    output_dir = Path(args.output_dir)
+    save_trained_folder(model.float().eval(), processor, output_dir)
+    records = log.read()
+    plot = plot_loss_curve(records, output_dir / PLOT_NAME, f"{args.architecture} {args.preset}: {args.objective}")
+    training = training_summary(args, model, state, dataset, records, global_batch, data_stats)
+    (output_dir / SUMMARY_FILE).write_text(json.dumps(training, indent=2) + "\n")
+    print(dataset.stats.summary(data_stats))
+    print(f"trained {state.step} steps in {training['train_minutes']} min; final loss {training.get('final_loss')}")
+    if plot:
+        print(f"loss curve: {plot}")
+
+    complete_folder(output_dir, training, evaluate=args.do_eval, max_items=args.eval_max_items)
+    if args.push_to_hub:
+        publish(output_dir, args.hub_model_id, private=args.hub_private)
+    print(f"\nmodel folder: {output_dir.resolve()}")
+    print(f"open the demo on it:  python space/app.py --model {output_dir}")
+    return 0
+
+
+def complete_folder(output_dir: str | Path, training: dict | None = None, evaluate: bool = True,
+                    max_items: int | None = None) -> dict:
+    """Evaluate a model folder (`eval_results.json`/`.md`) and write its card (`README.md`).
+
+    `training` defaults to the folder's `training_summary.json` (empty for a folder that never
+    trained, e.g. from `oner-init`); without `evaluate` the card uses the folder's existing
+    `eval_results.json`, if any. Returns the metrics.
+    """
+    output_dir = Path(output_dir)
+    if training is None:
+        summary = output_dir / SUMMARY_FILE
+        training = json.loads(summary.read_text()) if summary.is_file() else {}
+    metrics: dict = {}
+    if evaluate:
+        metrics = run_benchmark(output_dir, output_dir=output_dir, max_items=max_items)
+        table = output_dir / "eval_results.md"
+        if table.is_file():
+            print(table.read_text())
+    elif (output_dir / "eval_results.json").is_file():
+        metrics = json.loads((output_dir / "eval_results.json").read_text())
+    print(f"model card: {write_model_card(output_dir, metrics, training)}")
+    return metrics
+
+
+def publish(output_dir: str | Path, repo_id: str, private: bool = False, space_id: str | None = None) -> str:
+    """Upload the folder (and, with `space_id`, the demo Space serving it); prints and returns the URL."""
+    url = push_folder(output_dir, repo_id, private=private, space_id=space_id)
+    print(f"pushed {output_dir} to {url}")
+    if space_id:
+        print(f"Space: https://huggingface.co/spaces/{space_id}")
+    return url
