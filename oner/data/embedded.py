@@ -28,10 +28,6 @@ from processing_oner.processing_oner import pil_to_rgb
 
 from .concepts import Concept, load_concepts
 
-# The one RGB conversion (transparency on white) is the processor's: what the model sees at inference.
-# `on_white` is the name oner/data/pairs.py imports it by.
-on_white = pil_to_rgb
-
 EMBEDDED_VERSION = "1"
 SPLITS = ("twemoji", "openmoji", "composites")
 IMAGE_SIZE = 72

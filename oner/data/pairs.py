@@ -31,7 +31,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .embedded import SPLITS, build_embedded_dataset, on_white
+from processing_oner.processing_oner import pil_to_rgb
+
+from .embedded import SPLITS, build_embedded_dataset
 from .stats import DataStats
 
 IMAGE_COLUMNS = ("image", "jpg", "png", "jpeg", "webp", "img")
@@ -97,7 +99,7 @@ def decode_image(value: Any) -> Image.Image:
                 kind = "truncated" if "truncated" in str(e).lower() or isinstance(e, EOFError) else "unreadable"
                 raise DamagedSample(kind, str(e)) from None
     try:
-        return on_white(image)
+        return pil_to_rgb(image)  # transparency on white: what the model sees at inference
     except (OSError, ValueError) as e:
         raise DamagedSample("unreadable", str(e)) from None
 
