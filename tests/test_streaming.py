@@ -337,3 +337,16 @@ def test_stream_resumed_mid_epoch_ends_on_the_weights_of_an_uninterrupted_run(sh
     whole, cut = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     for name in whole:
         assert torch.equal(whole[name], cut[name]), name
+
+
+def test_each_epoch_reads_the_shards_in_a_new_order(shards):
+    folder, _ = shards
+
+    def first_shards(epoch: int) -> list[str]:
+        stream = _stream(folder)
+        stream.set_epoch(epoch)
+        return sorted({s["key"][:5] for s in itertools.islice(stream, 300)})
+
+    orders = [first_shards(epoch) for epoch in range(3)]
+    assert orders[0] != orders[1] and orders[1] != orders[2]
+    assert first_shards(1) == orders[1]  # and the same order again for the same (seed, epoch)
