@@ -16,6 +16,37 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+def reset_accelerate() -> None:
+    """accelerate keeps process-wide singletons: each in-process run of train.py builds its own Accelerator."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory):
+    """48 colour swatches with captions, as an imagefolder (metadata.jsonl); test modules may override it."""
+    import json
+
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("pairs")
+    rows = []
+    for i in range(48):
+        Image.new("RGB", (24, 24), (i * 5, 255 - i * 5, (i * 37) % 256)).save(root / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"colour number {i} swatch"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now (for servers and process groups in tests)."""
     with socket.socket() as s:

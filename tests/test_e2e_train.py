@@ -22,17 +22,6 @@ OVERRIDES = ",".join(f"{k}={v}" for k, v in TINY.items())
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def pairs_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pairs")
-    rows = []
-    for i in range(48):
-        Image.new("RGB", (24, 24), (i * 5, 255 - i * 5, (i * 37) % 256)).save(root / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": f"colour number {i} swatch"})
-    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
-
-
 def command(data, out, *extra, launcher=(PYTHON,)):
     return [*launcher, str(REPO / "train.py"), "--train_data", str(data), "--output_dir", str(out),
             "--config_overrides", OVERRIDES, "--per_device_batch_size", "8", "--warmup_steps", "3",

@@ -9,19 +9,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import TINY
-from test_training import OVERRIDES, fresh_accelerate_state, pairs_dir, tiny_args  # noqa: F401 (fixtures)
+from conftest import TINY, reset_accelerate
+from test_training import OVERRIDES, pairs_dir, tiny_args  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 # A first step that can be rebuilt outside the loop: no augmentation, ITC only, fp32, eager attention.
 EXACT = ("--objective", "itc", "--image_augment", "false", "--text_augment", "false", "--mixed_precision", "no",
          "--attn_implementation", "eager", "--checkpointing_steps", "0")
-
-
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +24,10 @@ def trained_dir(pairs_dir, tmp_path_factory):  # noqa: F811
     """A model folder written by train.py (3 steps from seed 3, so unlike a fresh seed-0 model)."""
     from oner.training import main
 
-    _reset_accelerate()
+    reset_accelerate()
     out = tmp_path_factory.mktemp("source") / "run"
     assert main(tiny_args(pairs_dir, out, "--max_steps", "3", "--seed", "3", *EXACT)) == 0
-    _reset_accelerate()
+    reset_accelerate()
     return out
 
 
@@ -97,11 +92,11 @@ def test_a_continued_run_resumes_only_with_its_source(pairs_dir, trained_dir, tm
     out = tmp_path / "continued"
     common = ("--model_name_or_path", str(trained_dir), "--objective", "itc", "--checkpointing_steps", "1")
     assert main(tiny_args(pairs_dir, out, "--max_steps", "1", *common)) == 0
-    _reset_accelerate()
+    reset_accelerate()
     assert main(tiny_args(pairs_dir, out, "--max_steps", "2", "--objective", "itc",
                           "--resume_from_checkpoint", "latest")) == 1
     assert "model_name_or_path: checkpoint" in capsys.readouterr().err
-    _reset_accelerate()
+    reset_accelerate()
     assert main(tiny_args(pairs_dir, out, "--max_steps", "2", *common, "--resume_from_checkpoint", "latest")) == 0
     assert json.loads((out / "training_summary.json").read_text())["steps"] == 2
 
@@ -114,7 +109,7 @@ def test_the_clip_baseline_continues_too(pairs_dir, tmp_path):  # noqa: F811
     source, out = tmp_path / "clip", tmp_path / "clip-continued"
     clip = ("--architecture", "clip", "--objective", "itc", "--checkpointing_steps", "0")
     assert main(tiny_args(pairs_dir, source, "--max_steps", "1", *clip)) == 0
-    _reset_accelerate()
+    reset_accelerate()
     assert main(tiny_args(pairs_dir, out, "--max_steps", "1", "--model_name_or_path", str(source), *clip)) == 0
     assert json.loads((out / "training_summary.json").read_text())["continued_from"] == str(source)
     assert isinstance(CLIPModel.from_pretrained(out), CLIPModel)

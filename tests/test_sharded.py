@@ -27,34 +27,14 @@ from safetensors.torch import load_file
 
 from conftest import TINY, free_port
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "accelerate"
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 HARNESS = str(REPO / "tests" / "sharded_on_cpu.py")
 OVERRIDES = ",".join(f"{k}={v}" for k, v in TINY.items())
 STEPS = ["--max_steps", "3", "--checkpointing_steps", "2"]  # 3 batches per process and epoch: step 2 is mid-epoch
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def pairs_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pairs")
-    rows = []
-    for i in range(48):
-        Image.new("RGB", (24, 24), (i * 5, 255 - i * 5, (i * 37) % 256)).save(root / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": f"colour number {i} swatch"})
-    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
 
 
 def train_flags(data, out, *extra):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, free_port
+from conftest import TINY, free_port, reset_accelerate
 from stream_shards import LOGGING_LAUNCHER, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,12 +97,9 @@ def test_two_processes_stream_brace_shards_killed_and_resumed_each_key_once(shar
 
 def _logged_run(monkeypatch, tmp_path, data, *extra) -> tuple[int, list[str], dict]:
     """train.py in this process on `data` for one epoch; the sample keys of every trained step."""
-    from accelerate.state import AcceleratorState, GradientState
-
     import oner.training.loop as loop
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     trained = []
     real_step = loop.optimisation_step
 
@@ -152,12 +149,9 @@ def test_parquet_shards_and_saved_folder_stream_each_key_once(shards, tmp_path, 
 
 
 def _bad_run(tmp_path, *flags) -> tuple[int, str]:
-    from accelerate.state import AcceleratorState, GradientState
-
     from oner.training import main
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     out = tmp_path / "never"
     status = main(["--output_dir", str(out), "--config_overrides", OVERRIDES, "--do_eval", "false",
                    "--report_to", "none", *flags])
@@ -303,7 +297,6 @@ def test_stream_position_inside_loader_workers_resumes_exactly(shards):
 @pytest.mark.slow
 def test_stream_resumed_mid_epoch_ends_on_the_weights_of_an_uninterrupted_run(shards, tmp_path, monkeypatch):
     """Position, shuffle buffer, augmentation and the objectives' randomness all continue exactly."""
-    from accelerate.state import AcceleratorState, GradientState
     from safetensors.torch import load_file
 
     import oner.training.loop as loop
@@ -313,8 +306,7 @@ def test_stream_resumed_mid_epoch_ends_on_the_weights_of_an_uninterrupted_run(sh
     flags = ["--max_steps", "12", "--checkpointing_steps", "5", "--per_device_batch_size", "32"]
 
     def run(out, *extra, stop_after=None):
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
         real_step, steps = loop.optimisation_step, []
 
         def step(*args, **kwargs):
