@@ -375,3 +375,22 @@ def test_feature_cached_accumulation_with_a_cmc_fraction(tiny_config, tiny_proce
     assert torch.allclose(cached_loss, single_loss, atol=1e-5)
     for name in single_grads:
         assert torch.allclose(cached_grads[name], single_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_the_default_data_trains_then_evaluates_and_writes_the_card(tmp_path, monkeypatch, capsys):
+    """The README's main command in miniature: embedded data, training, every evaluation suite, the card."""
+    from oner.data import build_embedded_dataset
+    from oner.training import main
+
+    monkeypatch.setenv("ONER_DATA_HOME", str(build_embedded_dataset(tmp_path / "embedded", limit=40, progress=False)))
+    out = tmp_path / "run"
+    rc = main(["--output_dir", str(out), "--config_overrides", OVERRIDES, "--per_device_batch_size", "8",
+               "--max_steps", "3", "--warmup_steps", "1", "--report_to", "none", "--eval_max_items", "6"])
+    assert rc == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    assert {"retrieval_twemoji", "pointing_game", "multimodal_retrieval"} <= set(results)
+    card = (out / "README.md").read_text()
+    assert "pointing" in card.lower() and "xmc+cmc" in card  # the metrics and the recipe
+    assert json.loads((out / "training_summary.json").read_text())["steps"] == 3
+    printed = capsys.readouterr().out
+    assert "model card:" in printed and "open the demo on it" in printed
