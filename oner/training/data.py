@@ -79,16 +79,22 @@ class AugmentedPairs(torch.utils.data.Dataset):
         sample = self._decoded_sample(index)
         if sample is None:
             return None
+        allow_flip = self._flip_allowed.get(index)
+        if allow_flip is None:
+            allow_flip = self._flip_allowed[index] = flip_allowed(sample["captions"])
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        image, text = sample["image"], sample["text"]
-        if self.image_augment is not None:
-            allow_flip = self._flip_allowed.get(index)
-            if allow_flip is None:
-                allow_flip = self._flip_allowed[index] = flip_allowed(sample["captions"])
-            image = self.image_augment(image, allow_flip=allow_flip, rng=rng)
-        if self.text_augment is not None:
-            text = self.text_augment(sample, rng=rng)
-        return {"image": image, "text": text, "captions": [text]}
+        return augmented(sample, self.image_augment, self.text_augment, allow_flip, rng)
+
+
+def augmented(sample: dict, image_augment: ImageAugment | None, text_augment: TextAugment | None,
+              allow_flip: bool, rng: np.random.Generator) -> dict[str, Any]:
+    """`{"image", "text", "captions"}` of a decoded sample after its augmentations, drawn from `rng`."""
+    image, text = sample["image"], sample["text"]
+    if image_augment is not None:
+        image = image_augment(image, allow_flip=allow_flip, rng=rng)
+    if text_augment is not None:
+        text = text_augment(sample, rng=rng)
+    return {"image": image, "text": text, "captions": [text]}
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -323,12 +329,8 @@ class StreamingPairs(torch.utils.data.IterableDataset):
         self.stats.record("ok")
         key = sample_key(row, self.source.text_column)
         rng = np.random.default_rng([self.seed, self.epoch, _key_number(key)])
-        image, text = sample["image"], sample["text"]
-        if self.image_augment is not None:
-            image = self.image_augment(image, allow_flip=flip_allowed(sample["captions"]), rng=rng)
-        if self.text_augment is not None:
-            text = self.text_augment(sample, rng=rng)
-        return {"image": image, "text": text, "captions": [text], "key": key}
+        return {**augmented(sample, self.image_augment, self.text_augment, flip_allowed(sample["captions"]), rng),
+                "key": key}
 
 
 def sample_key(row: dict, text_column: str) -> str:

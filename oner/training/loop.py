@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from oner.losses import clamp_logit_scale_
 
 from .args import parse_args
-from .checkpointing import check_checkpoint, save_checkpoint
+from .checkpointing import save_checkpoint
 from .finish import finish_run
 from .mlm import whole_word_mask
 from .setup import RESUME_MUST_MATCH, Run, UserError, setup
@@ -59,7 +59,7 @@ def train(args) -> int:
     accelerator.end_training()
     if not accelerator.is_main_process:
         return 0
-    final_model = build_model_for_saving(run.model_class, run.model_config, weights)
+    final_model = build_model_for_saving(run.model_class, run.model.config, weights)
     return finish_run(final_model, run.processor, args, state, run.dataset, run.log, run.global_batch, data_stats)
 
 
@@ -74,7 +74,7 @@ def train_steps(run: Run) -> tuple[str, int]:
     start, start_seconds, start_step = time.monotonic(), state.train_seconds, state.step
     data_timing = {"seconds": 0.0, "pairs": 0}
     if streamed:  # the stream's own state holds its position; the epoch is in the checkpoint
-        epoch, skip = (check_checkpoint(resume)["epoch"] if resume is not None else 0), 0
+        epoch, skip = run.resume_epoch, 0
     else:
         epoch, skip = divmod(state.batches_seen, run.batches_per_epoch)
     mid_epoch = resume is not None and (streamed or skip > 0)

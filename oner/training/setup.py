@@ -211,7 +211,8 @@ def planned_steps(args, batches_per_epoch: int) -> int:
     return 0
 
 
-def check_resume_compatible(args, checkpoint: Path, num_processes: int) -> None:
+def check_resume_compatible(args, checkpoint: Path, num_processes: int) -> dict:
+    """The checkpoint's `train_state.json`, once its settings are known to match this run's."""
     state = check_checkpoint(checkpoint)
     saved = state.get("args", {})
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(args, k)!r}" for k in RESUME_MUST_MATCH
@@ -221,6 +222,7 @@ def check_resume_compatible(args, checkpoint: Path, num_processes: int) -> None:
         diffs.append(f"processes reading the stream: checkpoint {state.get('num_processes')}, now {num_processes}")
     if diffs:
         raise UserError(f"cannot resume from {checkpoint}: settings differ ({'; '.join(diffs)})")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +256,7 @@ class Run:
     log: TrainingLog
     output_dir: Path
     model_class: type  # what the final folder is built from (FSDP2 changes the prepared module's class)
-    model_config: object
+    resume_epoch: int  # the epoch a resumed checkpoint was taken in (a stream's position is its own)
     global_batch: int
 
 
@@ -272,8 +274,7 @@ def setup(args) -> Run:
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
-    if resume is not None:
-        check_resume_compatible(args, resume, accelerator.num_processes)
+    resumed_state = check_resume_compatible(args, resume, accelerator.num_processes) if resume is not None else {}
     streamed = isinstance(dataset, StreamingPairs)
     if streamed:
         if args.num_train_epochs and not args.max_steps:
@@ -304,7 +305,7 @@ def setup(args) -> Run:
                 shutil.rmtree(old)
 
     objective = Objective(objective_config(args))
-    model_class, model_config = type(model), model.config  # before `prepare`: FSDP2 changes the class
+    model_class = type(model)  # before `prepare`: FSDP2 changes the class
     n_params = sum(p.numel() for p in model.parameters())  # before FSDP leaves each process its shard
     if needs_vector_scalars(accelerator):
         promote_scalar_parameters(pretrainer)  # FSDP and DeepSpeed fail on 0-dim parameters (logit scale/bias)
@@ -361,6 +362,7 @@ def setup(args) -> Run:
         dataset=dataset, dataloader=dataloader, streamed=streamed, batches_per_epoch=batches_per_epoch,
         objective=objective, optimizer=optimizer, scheduler=scheduler, state=state, ema=ema,
         subwords=subword_table(processor.tokenizer) if "mlm" in args.objective_weights else None,
-        resume=resume, log=log, output_dir=output_dir, model_class=model_class, model_config=model_config,
+        resume=resume, log=log, output_dir=output_dir, model_class=model_class,
+        resume_epoch=resumed_state.get("epoch", 0),
         global_batch=global_batch,
     )
