@@ -84,3 +84,25 @@ def test_cpu_flag_detection_reads_proc_cpuinfo(monkeypatch, tmp_path):
     assert runtime.cpu_has_native_bf16()
     fake.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n")
     assert not runtime.cpu_has_native_bf16()
+
+
+def test_slow_cpu_paths_are_named_with_their_cost(clean_env):
+    # bf16 whose matrix products are no faster than fp32 (emulated, as on CPUs without AVX-512 BF16/AMX)
+    clean_env.setattr(runtime, "matmul_speedup", lambda dtype: 0.08)
+    clean_env.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    (warning,) = runtime.cpu_slow_paths("bf16", "eager", threads=2)
+    assert "0.08x the fp32 speed" in warning and "no native bf16" in warning and "--mixed_precision no" in warning
+    # a CPU where bf16 pays: nothing to say; fp32 is never measured
+    clean_env.setattr(runtime, "matmul_speedup", lambda dtype: 7.5)
+    assert runtime.cpu_slow_paths("bf16", "eager", threads=2) == []
+    clean_env.setattr(runtime, "matmul_speedup", lambda dtype: pytest.fail("fp32 needs no measurement"))
+    assert runtime.cpu_slow_paths("no", "eager", threads=8) == []
+    # SDPA's slow CPU backward and more threads than cores
+    warnings = runtime.cpu_slow_paths("no", "sdpa", threads=16)
+    assert len(warnings) == 2 and "eager" in warnings[0] and "16 threads on 8 cores" in warnings[1]
+
+
+def test_matmul_speedup_is_measured():
+    import torch
+
+    assert 0.2 < runtime.matmul_speedup(torch.float32, size=64, seconds=0.01) < 5  # fp32 against itself

@@ -124,3 +124,49 @@ def choose_mixed_precision(requested: str | None, device_type: str) -> tuple[str
     if device_has_native_bf16(device_type):
         return "bf16", f"the {device_type} computes bf16 natively"
     return "no", f"no native bf16 on the {device_type}"
+
+
+def matmul_speedup(dtype: torch.dtype, size: int = 256, seconds: float = 0.05) -> float:
+    """How many times faster this CPU multiplies `size x size` matrices in `dtype` than in fp32, with
+    the current threads: e.g. about 7 for bf16 on AMX, well below 1 where bf16 is emulated. Costs
+    about `4 * seconds`; used once at start to tell the user what a precision costs HERE."""
+    import time
+
+    def rate(dt: torch.dtype) -> float:
+        a, b = torch.randn(size, size).to(dt), torch.randn(size, size).to(dt)
+        a @ b  # warm-up: first-call dispatch and packing
+        n, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            a @ b
+            n += 1
+        return n / elapsed
+
+    return rate(dtype) / rate(torch.float32)
+
+
+def cpu_slow_paths(mixed_precision: str, attn_implementation: str, threads: int) -> list[str]:
+    """Settings under which THIS CPU trains far below its fast path, each as one warning.
+
+    Nothing is changed: an explicit choice is the user's, and the warning says what it costs and
+    what is faster. The precision is judged by `matmul_speedup`, measured now (bf16 autocast on a
+    CPU without AVX-512 BF16 / AMX is emulated: a 2-core AVX2 EPYC trained the default 13x slower
+    than in fp32; fp16 has no fast matrix unit on CPUs without AMX-FP16).
+    """
+    warnings = []
+    if mixed_precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+        speedup = matmul_speedup(dtype)
+        if speedup < 1.2:
+            kind = "native" if mixed_precision == "bf16" and cpu_has_native_bf16() else "no native"
+            warnings.append(
+                f"{mixed_precision} matrix products run at {speedup:.2f}x the fp32 speed on this CPU ({kind} "
+                f"{mixed_precision} support), so {mixed_precision} autocast only adds casts and can make steps "
+                "many times slower; --mixed_precision no trains faster here"
+            )
+    if attn_implementation == "sdpa":
+        warnings.append("sdpa attention: its CPU flash-attention backward measured 1.6-1.8x slower per step than "
+                        "eager for the tiny preset (docs/benchmarks.md); --attn_implementation eager is the CPU default")
+    if threads > available_cores():
+        warnings.append(f"{threads} threads on {available_cores()} cores: oversubscribed threads wait on each other; "
+                        f"--num_threads {available_cores()} or fewer")
+    return warnings

@@ -26,7 +26,7 @@ from .checkpointing import TrainState, check_checkpoint, list_checkpoints, load_
 from .data import StreamingPairs, make_dataloader, make_stream_loader, open_train_data
 from .mlm import subword_table
 from .pretrainer import EMATarget, OneRPretrainer
-from .runtime import choose_attn_implementation, choose_mixed_precision, configure_threads
+from .runtime import choose_attn_implementation, choose_mixed_precision, configure_threads, cpu_slow_paths
 from .sharding import (
     check_supported,
     configure_deepspeed_clipping,
@@ -357,6 +357,9 @@ def setup(args) -> Run:
                       f"mixed precision {args.mixed_precision} ({args.mixed_precision_reason}); "
                       f"attention {args.attn_implementation} ({args.attn_reason}); "
                       f"{args.dataloader_num_workers} data-loader worker(s)")
+    if accelerator.device.type == "cpu" and accelerator.is_main_process:
+        for warning in cpu_slow_paths(args.mixed_precision, args.attn_implementation, threads):
+            accelerator.print(f"compute: WARNING: {warning}")
     return Run(
         args=args, accelerator=accelerator, pretrainer=pretrainer, model=model, processor=processor, config=config,
         dataset=dataset, dataloader=dataloader, streamed=streamed, batches_per_epoch=batches_per_epoch,
