@@ -132,8 +132,10 @@ def matmul_speedup(dtype: torch.dtype, size: int = 256, seconds: float = 0.05) -
     about `4 * seconds`; used once at start to tell the user what a precision costs HERE."""
     import time
 
+    generator = torch.Generator().manual_seed(0)  # never the global RNG: a resumed run must continue it exactly
+
     def rate(dt: torch.dtype) -> float:
-        a, b = torch.randn(size, size).to(dt), torch.randn(size, size).to(dt)
+        a, b = (torch.rand(size, size, generator=generator).to(dt) for _ in range(2))
         a @ b  # warm-up: first-call dispatch and packing
         n, start = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - start) < seconds:
