@@ -38,7 +38,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(pairs_dir, tmp_path):
     extra = ["--max_steps", "36", "--checkpointing_steps", "6", "--objective", "xmc+cmc+mlm:0.2",
              "--momentum", "0.9", "--dataloader_num_workers", "1"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    subprocess.run(command(pairs_dir, full, *extra), check=True, env=env(), capture_output=True)
+    uninterrupted = subprocess.run(command(pairs_dir, full, *extra), check=True, env=env(), capture_output=True,
+                                   text=True)
+    assert "estimated: 36 steps take about" in uninterrupted.stdout  # said once the speed is known
 
     proc = subprocess.Popen(command(pairs_dir, cut, *extra), env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

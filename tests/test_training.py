@@ -56,8 +56,20 @@ def test_no_arguments_is_the_tiny_embedded_config():
     assert "preset" in from_file.pop("explicit_flags")
     assert default == from_file
     assert default["preset"] == "tiny" and default["train_data"] == "embedded"
-    assert default["max_train_minutes"] == 10 and default["objective"] == "xmc+cmc"
+    assert default["max_steps"] == 2600 and default["max_train_minutes"] is None and default["objective"] == "xmc+cmc"
     assert (default["xmc_form"], default["cmc_context"], default["cmc_fraction"]) == ("cross-pair", "mosaic", 0.5)
+
+
+def test_the_default_step_count_gives_way_to_a_budget_or_epochs_the_user_gives(tmp_path):
+    from oner.training import parse_args
+
+    assert parse_args(["--max_train_minutes", "5"]).max_steps is None  # a time budget sets the schedule
+    assert parse_args(["--num_train_epochs", "2"]).max_steps is None
+    both = parse_args(["--max_train_minutes", "5", "--max_steps", "100"])
+    assert (both.max_steps, both.max_train_minutes) == (100, 5)  # both given: whichever ends first
+    config = tmp_path / "budget.yaml"
+    config.write_text("max_train_minutes: 3\n")
+    assert parse_args(["--config", str(config)]).max_steps is None
 
 
 def test_paper_config_parses():

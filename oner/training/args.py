@@ -18,6 +18,10 @@ from oner.objectives import DEFAULT_OBJECTIVE, parse_objective
 ARCHITECTURES = ("oner", "clip")
 PRESETS = ("tiny", "small", "base-patch16-224")
 MIXED_PRECISION = ("no", "fp32", "bf16", "fp16")
+# The embedded default trains a fixed number of steps, not a time budget, so that the same command
+# gives the same model on every CPU: about 10 minutes on 2 cores with native bf16 (AMX), about 25 on
+# 2 cores without it (docs/training.md).
+DEFAULT_MAX_STEPS = 2600
 
 
 def _bool(value: str) -> bool:
@@ -103,10 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EMA target encoder momentum (cosine to 1) producing the mixup targets; 0 = off [inferred]")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max_steps", type=int, default=None, help="optimizer steps (default: from --num_train_epochs or the time budget)")
+    g.add_argument("--max_steps", type=int, default=DEFAULT_MAX_STEPS,
+                   help="optimizer steps: the schedule's length. The default is the embedded run's fixed length (the "
+                   "same model on every CPU); it gives way to --num_train_epochs or --max_train_minutes when those "
+                   "are given without --max_steps")
     g.add_argument("--num_train_epochs", type=float, default=None, help="passes over the data, when --max_steps is not given")
-    g.add_argument("--max_train_minutes", type=float, default=10.0,
-                   help="wall-clock budget of the training loop; also sets the schedule length when neither --max_steps nor --num_train_epochs is given")
+    g.add_argument("--max_train_minutes", type=float, default=None,
+                   help="wall-clock budget of the training loop; alone (without --max_steps / --num_train_epochs) it "
+                   "sets the schedule, decaying the learning rate on time")
     g.add_argument("--per_device_batch_size", type=int, default=128, help="pairs per micro-batch per process")
     g.add_argument("--accum_freq", type=int, default=1,
                    help="micro-batches per step, with feature caching: negatives from ALL micro-batches (GradCache)")
@@ -213,6 +221,9 @@ def _explicit_flags(argv: list[str], config_values: dict) -> list[str]:
 
 
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    explicit = set(args.explicit_flags)
+    if "max_steps" not in explicit and explicit & {"num_train_epochs", "max_train_minutes"}:
+        args.max_steps = None  # the user's epochs or time budget, not the default step count, set the schedule
     try:
         args.objective_weights = parse_objective(args.objective)
     except ValueError as e:

@@ -79,7 +79,7 @@ def train_steps(run: Run) -> tuple[str, int]:
         epoch, skip = divmod(state.batches_seen, run.batches_per_epoch)
     mid_epoch = resume is not None and (streamed or skip > 0)
     pending: list[dict] = []
-    stop_reason, timer = None, None
+    stop_reason, timer, eta_announced = None, None, False
     pretrainer.train()
     while stop_reason is None:
         dataset.set_epoch(epoch)
@@ -140,6 +140,11 @@ def train_steps(run: Run) -> tuple[str, int]:
                 record = log_step(run, loss, parts, grad_norm, elapsed, start_step, timer, data_timing, budget)
                 bar.set_postfix_str(f"loss {record['loss']:.3f}, {record['pairs_per_s']:.0f} pairs/s, "
                                     f"ETA {format_eta(record['eta_s'])}")
+                if state.total_steps and not eta_announced and state.step - start_step > 20:
+                    eta_announced = True  # once, when the speed is known: a fixed step count's time differs per CPU
+                    accelerator.print(f"estimated: {state.total_steps} steps take about "
+                                      f"{format_eta(state.train_seconds + record['eta_s'])} on this machine "
+                                      f"({record['pairs_per_s']:.0f} pairs/s), {format_eta(record['eta_s'])} from now")
             bar.update(1)
 
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
