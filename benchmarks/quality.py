@@ -124,13 +124,19 @@ def read_runs(path: Path) -> list[dict]:
     return out
 
 
+def same_bound(runs: list[dict], args) -> list[dict]:
+    """The runs made under this call's bound (equal time OR equal steps): one table never mixes the two."""
+    return [r for r in runs if r.get("max_steps") == args.max_steps
+            and (args.max_steps or r.get("budget_minutes") == args.budget_minutes)]
+
+
 def train_command(flags: dict, seed: int, args, run_dir: Path) -> list[str]:
     """`python train.py` with the run's flags; everything else is train.py's default."""
     cmd = [
         sys.executable, str(ROOT / "train.py"),
         "--seed", str(seed),
         "--output_dir", str(run_dir),
-        "--max_train_minutes", str(args.budget_minutes),
+        *(["--max_steps", str(args.max_steps)] if args.max_steps else ["--max_train_minutes", str(args.budget_minutes)]),
         "--report_to", "none",
         "--checkpointing_steps", "0",
         "--do_eval", "true",
@@ -162,7 +168,7 @@ def one_run(name: str, seed: int, args) -> dict:
     (run_dir).mkdir(parents=True, exist_ok=True)
     (run_dir / "train_stdout.txt").write_text(proc.stdout[-20000:] + "\n--- stderr ---\n" + proc.stderr[-20000:])
     record = {"config": name, "seed": seed, "key": run_key(name, seed), "budget_minutes": args.budget_minutes,
-              "flags": args.rows[name], "command": " ".join(cmd[1:]), "returncode": proc.returncode,
+              "max_steps": args.max_steps, "flags": args.rows[name], "command": " ".join(cmd[1:]), "returncode": proc.returncode,
               "wall_s": round(wall, 1), "threads": args.threads, "jobs": args.jobs,
               "loadavg_before": load_before, "loadavg_after": loadavg(), "run_dir": str(run_dir)}
     if proc.returncode != 0:
@@ -238,18 +244,21 @@ def summarise(runs: list[dict], stem: Path, meta: dict) -> dict:
 
 def markdown(data: dict) -> str:
     cols = [c for c, _, _ in METRICS]
-    lines = ["| config | seeds | steps | " + " | ".join(cols) + " | score |",
-             "|---|---:|---:|" + "---:|" * (len(cols) + 1)]
+    lines = ["| config | seeds | steps | minutes | " + " | ".join(cols) + " | score |",
+             "|---|---:|---:|---:|" + "---:|" * (len(cols) + 1)]
     for n, e in data["configs"].items():
         cells = [f"{100 * e[c]['mean']:.1f} ± {100 * e[c]['std']:.1f}" if not math.isnan(e[c]["mean"]) else ""
                  for c in cols + ["score"]]
-        lines.append(f"| {n} | {e['n_seeds']} | {e['steps']['mean']:.0f} ± {e['steps']['std']:.0f} | "
+        minutes = e.get("train_minutes", {}).get("mean", float("nan"))
+        lines.append(f"| {n} | {e['n_seeds']} | {e['steps']['mean']:.0f} ± {e['steps']['std']:.0f} | {minutes:.1f} | "
                      + " | ".join(cells[:-1]) + f" | {cells[-1]} |")
     ch = data.get("chance", {})
-    lines.append("| *chance* | | | " + " | ".join(f"{100 * ch[c]:.1f}" if c in ch else "" for c in cols) + " | |")
+    lines.append("| *chance* | | | | " + " | ".join(f"{100 * ch[c]:.1f}" if c in ch else "" for c in cols) + " | |")
     meta = data.get("meta", {})
-    return ("Values in %, mean ± sample std over seeds; steps = optimizer steps reached in the budget. "
-            f"Grid `{meta.get('grid')}`: budget {meta.get('budget_minutes')} min of training per run, "
+    bound = (f"{meta['max_steps']} steps per run (equal steps; the minutes column is each run's training time)"
+             if meta.get("max_steps") else f"budget {meta.get('budget_minutes')} min of training per run")
+    return ("Values in %, mean ± sample std over seeds; steps = optimizer steps reached. "
+            f"Grid `{meta.get('grid')}`: {bound}, "
             f"{meta.get('jobs')} run(s) at a time with {meta.get('threads')} thread(s) each; every run is train.py's "
             f"default plus its row's flags; eval on {meta.get('eval_max_items') or 'all'} items per suite. "
             f"Score = mean of {', '.join(SCORE)}.\n\n" + "\n".join(lines) + "\n")
@@ -291,6 +300,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", default="ablation", choices=list(GRIDS), help="which table to fill")
     p.add_argument("--budget-minutes", type=float, default=5.0, help="training wall-clock per run (train.py --max_train_minutes)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="equal STEPS instead of equal time: every run trains this many steps (train.py --max_steps); "
+                   "the table then compares at equal steps, and its time column is each run's own")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--configs", nargs="+", default=None, help="a subset of the grid's rows")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (2 cores: 2 runs of 1 thread, or 1 of 2)")
@@ -322,19 +334,23 @@ def main(argv=None) -> int:
         if n not in args.rows:
             p.error(f"unknown row {n!r} of grid {args.grid!r}; choose from {list(args.rows)}")
     runs_path = out / f"{args.grid}_runs.jsonl"
-    meta = {"grid": args.grid, "rows": list(args.rows), "budget_minutes": args.budget_minutes, "jobs": args.jobs,
+    if args.max_steps:
+        args.budget_minutes = None  # the runs are bounded by steps only
+    meta = {"grid": args.grid, "rows": list(args.rows), "budget_minutes": args.budget_minutes,
+            "max_steps": args.max_steps, "jobs": args.jobs,
             "threads": args.threads, "eval_max_items": args.eval_max_items, "seeds": args.seeds,
             "machine": machine(),
             "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     stem = out / args.grid
     if args.report_only:
-        summarise(read_runs(runs_path), stem, meta)
+        summarise(same_bound(read_runs(runs_path), args), stem, meta)
         print(stem.with_suffix(".md").read_text())
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
     pause = out / "quality.pause"
-    done = {r["key"] for r in read_runs(runs_path) if r.get("returncode") == 0 and r.get("budget_minutes") == args.budget_minutes}
+    done = {r["key"] for r in read_runs(runs_path) if r.get("returncode") == 0
+            and r.get("budget_minutes") == args.budget_minutes and r.get("max_steps") == args.max_steps}
     todo = [(n, seed) for seed in args.seeds for n in names if run_key(n, seed) not in done]  # seed-major
     lock = threading.Lock()
 
@@ -356,11 +372,11 @@ def main(argv=None) -> int:
                 f.write(json.dumps(record) + "\n")
             print(f"[quality]   {name} seed {seed} -> rc {record['returncode']}, steps {record.get('steps')}, "
                   f"score {record.get('score')}, wall {record['wall_s']} s", flush=True)
-            summarise(read_runs(runs_path), stem, meta)
+            summarise(same_bound(read_runs(runs_path), args), stem, meta)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(run_and_record, todo))
-    data = summarise(read_runs(runs_path), stem, meta)
+    data = summarise(same_bound(read_runs(runs_path), args), stem, meta)
     print(stem.with_suffix(".md").read_text())
     return 1 if data["failed_runs"] else 0
 

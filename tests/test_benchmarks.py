@@ -97,6 +97,13 @@ def test_quality_quick_and_resume(tmp_path, small_embedded):
     proc = _run(args)
     assert "[quality] " not in proc.stdout.split("Values in %")[0]
     assert len((out / "ablation_runs.jsonl").read_text().splitlines()) == 2
+    # Equal steps instead of equal time: new runs (the bound differs), each exactly that many steps.
+    _run([*args, "--max-steps", "2", "--configs", "oner xmc (cross-pair)"])
+    by_steps = [json.loads(x) for x in (out / "ablation_runs.jsonl").read_text().splitlines()][2:]
+    assert [(r["max_steps"], r["steps"], r["budget_minutes"]) for r in by_steps] == [(2, 2, None)]
+    assert "--max_steps 2" in by_steps[0]["command"] and "--max_train_minutes" not in by_steps[0]["command"]
+    table = (out / "ablation.md").read_text()
+    assert "2 steps per run (equal steps" in table and "| clip (two towers, ITC) |" not in table  # one bound a table
 
 
 def test_loop_speed_quick(tmp_path, small_embedded):
