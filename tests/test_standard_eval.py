@@ -130,6 +130,12 @@ def retrieval_double():
     return KeyedModel(images, texts)
 
 
+@pytest.fixture(autouse=True)
+def _own_accelerate_state(fresh_accelerate_state):
+    """Each run builds its PartialState; none is left behind for other tests."""
+    yield
+
+
 @pytest.fixture
 def use_double(monkeypatch):
     """Make `oner-eval` load the given double instead of a model folder."""
