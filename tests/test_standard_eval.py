@@ -317,6 +317,97 @@ def test_unknown_shortcut_offline_names_the_hub_repo():
         open_standard_set("flickr", "someone/flickr30k@main")
 
 
+# ---------------------------------------------------------------------------------------- Hub sources
+# The Hub is out of reach in tests: its two boundaries (HfFileSystem, datasets.load_dataset) are
+# replaced by local stand-ins, so that everything after them runs as it does online.
+
+
+class LocalHubFS:
+    """HfFileSystem over local folders: `datasets/<repo>@<revision>/<path>` -> `repos[repo]/<path>`."""
+
+    def __init__(self, repos: dict[str, Path]):
+        self.repos, self.opened = repos, []
+
+    def _local(self, path: str) -> Path:
+        owner, name_at_revision, rel = path.removeprefix("datasets/").split("/", 2)
+        self.opened.append(path)
+        return self.repos[f"{owner}/{name_at_revision.split('@')[0]}"] / rel
+
+    def read_text(self, path, encoding="utf-8"):
+        local = self._local(path)
+        if not local.is_file():
+            raise FileNotFoundError(path)
+        return local.read_text(encoding=encoding)
+
+    def open(self, path, mode="rb", **kwargs):
+        return open(self._local(path), mode)
+
+
+def test_hub_webdataset_repo_is_streamed_at_its_revision(fixtures, use_double, tmp_path, monkeypatch):
+    from oner.evaluation import standard
+
+    fs = LocalHubFS({"clip-benchmark/wds_toy": fixtures.wds})
+    monkeypatch.setattr(standard, "_hub_filesystem", lambda: fs)
+    monkeypatch.setattr(standard, "_is_offline", lambda: False)
+    use_double(classification_double())
+    assert run_cli("unused", "--dataset", "wds/toy", "--dataset_root", "clip-benchmark/wds_toy@abc123",
+                   "--output", tmp_path / "r.json") == 0
+    record = load(tmp_path / "r.json")
+    assert record["metrics"] == pytest.approx(CLS_EXPECTED) and record["source"] == "clip-benchmark/wds_toy@abc123"
+    assert "datasets/clip-benchmark/wds_toy@abc123/test/1.tar" in fs.opened
+    # A shortcut without --dataset_root names clip_benchmark's repo (at its default branch).
+    fs.repos["clip-benchmark/wds_vtab-cifar10"] = fixtures.wds
+    assert run_cli("unused", "--dataset", "cifar10", "--output", tmp_path / "c.json") == 0
+    assert load(tmp_path / "c.json")["source"] == "clip-benchmark/wds_vtab-cifar10"
+
+
+def test_hub_datasets_stream_with_class_labels_and_caption_lists(fixtures, use_double, tmp_path, monkeypatch):
+    import datasets
+
+    from oner.evaluation import standard
+
+    def classification_rows():
+        for i, (label, _) in enumerate(CLS_IMAGES):
+            yield {"image": {"bytes": png(i), "path": None}, "label": label}
+
+    def karpathy_rows():  # nlphuji/flickr30k's columns: image, caption (a list of 5), split
+        yield {"image": {"bytes": png(9), "path": None}, "caption": ["a training image"], "split": "train"}
+        for i in range(3):
+            yield {"image": {"bytes": png(i), "path": None}, "caption": [caption(i * 5 + j) for j in range(5)],
+                   "split": "test"}
+
+    repos = {
+        "someone/toy-cls": datasets.IterableDataset.from_generator(classification_rows, features=datasets.Features(
+            {"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})),
+        "nlphuji/toy-flickr": datasets.IterableDataset.from_generator(karpathy_rows, features=datasets.Features(
+            {"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string")),
+             "split": datasets.Value("string")})),
+    }
+    asked = []
+
+    def load_dataset(repo, split=None, revision=None, streaming=False):
+        asked.append((repo, split, revision, streaming))
+        return repos[repo]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(standard, "_is_offline", lambda: False)
+    # Neither repo has the webdataset files: the datasets library streams them.
+    monkeypatch.setattr(standard, "_hub_filesystem", lambda: LocalHubFS({"someone/toy-cls": tmp_path,
+                                                                        "nlphuji/toy-flickr": tmp_path}))
+    use_double(classification_double())
+    assert run_cli("unused", "--dataset", "toy", "--dataset_root", "someone/toy-cls@v1", "--custom_template_file",
+                   fixtures.wds / "zeroshot_classification_templates.txt", "--output", tmp_path / "c.json") == 0
+    record = load(tmp_path / "c.json")
+    assert record["metrics"] == pytest.approx(CLS_EXPECTED)
+    assert record["class_names_source"] == "the data set's ClassLabel"
+    use_double(retrieval_double())
+    assert run_cli("unused", "--dataset", "flickr", "--dataset_root", "nlphuji/toy-flickr", "--recall_k", 1, 2, 3,
+                   "--output", tmp_path / "r.json") == 0
+    record = load(tmp_path / "r.json")
+    assert record["metrics"] == pytest.approx(RET_EXPECTED) and record["n_images"] == 3
+    assert asked == [("someone/toy-cls", "test", "v1", True), ("nlphuji/toy-flickr", "test", None, True)]
+
+
 def test_no_dataset_keeps_the_emoji_parser_defaults():
     from oner.evaluation.cli import build_parser, suites_from_args
 

@@ -59,7 +59,8 @@ def _add_standard_arguments(p: argparse.ArgumentParser) -> None:
     std = p.add_argument_group("standard benchmarks (clip_benchmark's layouts, tasks and JSON records)")
     std.add_argument("--dataset", nargs="+", default=None, metavar="NAME",
                      help=f"wds/NAME (clip_benchmark's webdataset layout), a shortcut ({', '.join(SHORTCUTS)}: "
-                     "clip-benchmark/wds_<name> on the Hub, online only), or any name with --dataset_root")
+                     "clip-benchmark/wds_<name> on the Hub, online only), any name with --dataset_root, or a .txt file "
+                     "of names")
     std.add_argument("--dataset_root", default=None, metavar="ROOT",
                      help="a folder (ROOT/<split>/nshards.txt + .tar shards, class sub-folders, metadata.jsonl), "
                      "a brace range of .tar shards, a CSV/JSONL table, or a Hub data set owner/name[@revision]; "

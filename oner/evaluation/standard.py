@@ -138,6 +138,18 @@ def _hub_ref(root: str) -> tuple[str, str | None] | None:
     return repo.rstrip("/"), revision or None
 
 
+def expand_dataset_names(names: Sequence[str]) -> list[str]:
+    """`--dataset` values; a `.txt` file among them contributes one name per line (as in clip_benchmark)."""
+    out = []
+    for name in names:
+        path = Path(name).expanduser()
+        if path.suffix == ".txt" and path.is_file():
+            out.extend(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        else:
+            out.append(name)
+    return out
+
+
 def open_standard_set(dataset: str, root: str | None = None, split: str = "test", *, task: str = "auto",
                       image_root: str | None = None, language: str = "en", class_names=None,
                       templates: Sequence[str] | None = None) -> StandardSet:
@@ -158,9 +170,9 @@ def open_standard_set(dataset: str, root: str | None = None, split: str = "test"
     if hub is not None:
         if _is_offline():
             raise BenchmarkError(
-                f"{dataset!r} reads the Hub data set {hub[0]}, which cannot be reached offline (HF_HUB_OFFLINE/"
-                f"HF_DATASETS_OFFLINE is set): download it once (`hf download --repo-type dataset {hub[0]} "
-                "--local-dir DIR`) and pass --dataset_root DIR")
+                f"{dataset!r} reads the Hub data set {hub[0]} (no local path {root!r} exists), which cannot be "
+                "reached offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set): download it once (`hf download "
+                f"--repo-type dataset {hub[0]} --local-dir DIR`) and pass --dataset_root DIR")
         ds = _open_hub(dataset, hub[0], hub[1], split, task)
     else:
         ds = _open_local(dataset, root, split, task, image_root)
@@ -413,12 +425,17 @@ def _table_set(dataset: str, path: Path, split: str, task: str, image_root: str 
 # ----------------------------------------------------------------------------------------- Hub
 
 
+def _hub_filesystem():
+    """huggingface_hub's fsspec file system (one place, so that tests can put a local one there)."""
+    from huggingface_hub import HfFileSystem
+
+    return HfFileSystem()
+
+
 def _open_hub(dataset: str, repo: str, revision: str | None, split: str, task: str) -> StandardSet:
     """A Hub data set: clip_benchmark's webdataset layout when `<split>/nshards.txt` exists (shards
     streamed through `HfFileSystem`), otherwise `datasets.load_dataset(..., streaming=True)`."""
-    from huggingface_hub import HfFileSystem
-
-    fs = HfFileSystem()
+    fs = _hub_filesystem()
     prefix = f"datasets/{repo}" + (f"@{revision}" if revision else "")
     source = f"{repo}@{revision}" if revision else repo
 
@@ -749,6 +766,7 @@ def run_standard(model_dir: str | Path, datasets: Sequence[str], dataset_root: s
         raise BenchmarkError("batch_size and max_items must be >= 1")
     if any(k < 1 for k in recall_k):
         raise BenchmarkError(f"recall_k values must be >= 1, got {list(recall_k)}")
+    datasets = expand_dataset_names(datasets)
     if len(datasets) > 1 and output is not None and "{dataset}" not in output:
         raise BenchmarkError("--output must contain {dataset} when several data sets are evaluated")
     sets = [open_standard_set(d, dataset_root, split, task=task, image_root=image_root, language=language,
