@@ -199,6 +199,10 @@ def fixtures(tmp_path_factory):
     with open(table / "captions.jsonl", "w") as f:
         for t in range(15):
             f.write(json.dumps({"image": f"{t // 5}.jpg", "caption": caption(t)}) + "\n")
+    # Karpathy's own dataset_flickr30k.json: {"images": [{"filename", "split", "sentences": [{"raw"}]}]}.
+    images = [{"filename": f"{i}.jpg", "split": "test", "sentences": [{"raw": caption(i * 5 + j)} for j in range(5)]}
+              for i in range(3)]
+    (table / "dataset_toy.json").write_text(json.dumps({"images": images, "dataset": "toy"}))
     # An image folder: one sub-folder per class (class names from the folder names), one broken file.
     folder = root / "folder"
     for i, (label, _) in enumerate(CLS_IMAGES):
@@ -258,7 +262,7 @@ def test_karpathy_table_retrieval_metrics_by_hand(fixtures, use_double, tmp_path
     validate_record(record)
 
 
-@pytest.mark.parametrize("layout", ["captions.jsonl", "wds"])
+@pytest.mark.parametrize("layout", ["captions.jsonl", "dataset_toy.json", "wds"])
 def test_other_retrieval_layouts_give_the_same_numbers(fixtures, use_double, tmp_path, layout):
     use_double(retrieval_double())
     root = fixtures.wret if layout == "wds" else fixtures.table / layout
@@ -468,6 +472,7 @@ def linked(fixtures):
     return fixtures
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_numbers(linked, tiny_model_dir, tmp_path):
     from conftest import free_port
 
@@ -507,6 +512,19 @@ def _clip_benchmark():
     except ImportError as e:  # not installed: scripts/setup.sh --test installs it with --no-deps
         pytest.skip(f"clip_benchmark is not installed ({e}); `pip install --no-deps clip-benchmark==1.6.2`")
     return zeroshot_retrieval
+
+
+def test_clip_benchmark_package_data_gives_names_and_templates(fixtures, tiny_model_dir, tmp_path):
+    """A webdataset folder without its two text files, named as clip_benchmark names MNIST."""
+    _clip_benchmark()
+    bare = tmp_path / "wds_mnist"
+    (bare / "test").mkdir(parents=True)
+    (bare / "test" / "nshards.txt").write_text("1\n")
+    (bare / "test" / "0.tar").write_bytes((fixtures.wds / "test" / "1.tar").read_bytes())
+    assert run_cli(tiny_model_dir, "--dataset", "wds/mnist", "--dataset_root", bare, "--output", tmp_path / "r.json") == 0
+    record = load(tmp_path / "r.json")
+    assert record["class_names_source"] == "clip_benchmark en_classnames.json" and record["n_classes"] == 10
+    assert record["templates_source"] == "clip_benchmark en_zeroshot_classification_templates.json"
 
 
 def test_clip_benchmark_retrieval_through_the_adapter_matches(fixtures, tiny_model_dir, tmp_path):

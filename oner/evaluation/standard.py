@@ -159,8 +159,9 @@ def open_standard_set(dataset: str, root: str | None = None, split: str = "test"
     `{c}`, or OneR's `{}`) override the data set's own files and an installed clip_benchmark's
     package data. Raises `BenchmarkError` naming the problem.
     """
-    if root is not None:
-        root = root.format(dataset=short_name(dataset), dataset_cleaned=short_name(dataset).replace("/", "-"))
+    if root is not None:  # clip_benchmark's placeholders (replaced, not format()ted: brace ranges stay)
+        root = root.replace("{dataset}", short_name(dataset)).replace("{dataset_cleaned}",
+                                                                      short_name(dataset).replace("/", "-"))
     if root is None:
         if not (dataset.startswith("wds/") or dataset in SHORTCUTS):
             raise BenchmarkError(f"unknown data set {dataset!r}: give --dataset_root (a folder, shards, a table or a "
@@ -169,10 +170,11 @@ def open_standard_set(dataset: str, root: str | None = None, split: str = "test"
     hub = _hub_ref(root)
     if hub is not None:
         if _is_offline():
+            not_local = "" if root.startswith(("hf://", "https://")) else f" (no local path {root!r} exists)"
             raise BenchmarkError(
-                f"{dataset!r} reads the Hub data set {hub[0]} (no local path {root!r} exists), which cannot be "
-                "reached offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set): download it once (`hf download "
-                f"--repo-type dataset {hub[0]} --local-dir DIR`) and pass --dataset_root DIR")
+                f"{dataset!r} reads the Hub data set {hub[0]}{not_local}, which cannot be reached offline "
+                "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set): download it once (`hf download --repo-type dataset "
+                f"{hub[0]} --local-dir DIR`) and pass --dataset_root DIR")
         ds = _open_hub(dataset, hub[0], hub[1], split, task)
     else:
         ds = _open_local(dataset, root, split, task, image_root)
@@ -231,7 +233,7 @@ def _wds_shards(split_dir: Path, dataset: str) -> list[str]:
         if missing:
             raise BenchmarkError(f"{dataset}: nshards.txt says {n} shards but {missing[:3]} are missing in {split_dir}")
         return [str(s) for s in shards]
-    return sorted(str(p) for p in split_dir.glob("*.tar"))
+    return [str(p) for p in sorted(split_dir.glob("*.tar"), key=lambda p: (len(p.name), p.name))]  # 2 before 10
 
 
 # ------------------------------------------------------------------------------- webdataset
@@ -271,7 +273,12 @@ def _shard_reader(shard, opener, kind: str, dataset: str) -> Callable[[], Iterat
                     if "cls" not in files:
                         raise BenchmarkError(f"{dataset}: sample {key!r} of {shard} has no .cls label (a retrieval "
                                              "set needs dataset_type.txt saying 'retrieval')")
-                    yield image, int(files["cls"].decode().strip())
+                    try:
+                        label = int(files["cls"].decode().strip())
+                    except (UnicodeDecodeError, ValueError):
+                        raise BenchmarkError(f"{dataset}: sample {key!r} of {shard}: its .cls holds "
+                                             f"{files['cls'][:20]!r}, not a class index") from None
+                    yield image, label
     return read
 
 
@@ -403,6 +410,7 @@ def rows_to_set(dataset: str, source: str, rows: Iterable[dict], columns: Sequen
         if table is not None and any(isinstance(r.get(label_col), str) and not r[label_col].strip().lstrip("-").isdigit()
                                      for r in table):
             ds.label_strings = sorted({str(r[label_col]).strip() for r in table})  # names, mapped to indices later
+
         def items():
             for r in (table if table is not None else kept(rows)):
                 yield image_of(r), r.get(label_col)
