@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .context import BenchmarkError, EvalContext
@@ -589,9 +590,10 @@ def read_names_file(value: str | None):
 class Encoded:
     """What one process (or, after `gather`, all of them) encoded, in the data set's order."""
 
-    image_emb: torch.Tensor
+    image_emb: torch.Tensor  # (n, d), normalised
     targets: list  # class indices, or caption lists
     stats: dict
+    caption_emb: list[torch.Tensor] | None = None  # retrieval: per sample, (its captions, d), normalised
 
 
 def _my_items(ds: StandardSet, rank: int, world: int,
@@ -662,8 +664,12 @@ def encode_set(ctx: EvalContext, ds: StandardSet, rank: int = 0, world: int = 1,
     flush()
     bar.close()
     d = int(ctx.model.config.projection_dim)
-    emb = torch.cat(embs) if embs else torch.empty(0, d)
-    return keys, Encoded(emb, targets, stats.as_dict())
+    enc = Encoded(torch.cat(embs) if embs else torch.empty(0, d), targets, stats.as_dict())
+    if ds.kind == "retrieval":  # each process encodes its own samples' captions too
+        captions = [c for caps in targets for c in caps]
+        text_emb = ctx.encode_texts(captions, desc=f"{ds.dataset} captions") if captions else torch.empty(0, d)
+        enc.caption_emb = list(torch.split(text_emb, [len(caps) for caps in targets]))
+    return keys, enc
 
 
 def _label(value: Any, label_index: dict | None, ds: StandardSet) -> int:
@@ -680,15 +686,39 @@ def _label(value: Any, label_index: dict | None, ds: StandardSet) -> int:
     return label
 
 
-def gather(keys: list, enc: Encoded) -> Encoded:
-    """All processes' shares in the data set's order (every process gets the whole; one process: as is)."""
+def gather_ordered(keys: list, *columns: list) -> list[list]:
+    """Every process's `columns` (lists aligned with its `keys`), concatenated over processes and put
+    in key order: the whole, on every process (one process: its own lists, sorted)."""
     from accelerate.utils import gather_object
 
-    shares = gather_object([(keys, enc.image_emb.numpy(), enc.targets, enc.stats)])
-    rows = sorted((k, i, s) for s, (ks, _, _, _) in enumerate(shares) for i, k in enumerate(ks))
-    emb = [torch.from_numpy(shares[s][1][i]) for _, i, s in rows]
-    stats = {name: sum(sh[3][name] for sh in shares) for name in shares[0][3]}
-    return Encoded(torch.stack(emb) if emb else enc.image_emb[:0], [shares[s][2][i] for _, i, s in rows], stats)
+    shares = gather_object([(keys, columns)])
+    order = sorted((k, s, i) for s, (ks, _) in enumerate(shares) for i, k in enumerate(ks))
+    return [[shares[s][1][c][i] for _, s, i in order] for c in range(len(columns))]
+
+
+def gather(keys: list, enc: Encoded) -> Encoded:
+    """All processes' shares of a set in the data set's order, damage counts summed."""
+    from accelerate.utils import gather_object
+
+    captions = [t.numpy() for t in enc.caption_emb] if enc.caption_emb is not None else [None] * len(keys)
+    images, targets, captions = gather_ordered(keys, list(enc.image_emb.numpy()), enc.targets, captions)
+    all_stats = gather_object([enc.stats])
+    stats = {name: sum(st[name] for st in all_stats) for name in enc.stats}
+    image_emb = torch.from_numpy(np.stack(images)) if images else enc.image_emb[:0]
+    caption_emb = [torch.from_numpy(c) for c in captions] if enc.caption_emb is not None else None
+    return Encoded(image_emb, targets, stats, caption_emb)
+
+
+def shared_class_embeddings(ctx: EvalContext, class_names: Sequence[str], templates: Sequence[str], rank: int = 0,
+                            world: int = 1) -> torch.Tensor:
+    """`(C, d)` prompt-ensemble class embeddings, each process encoding every `world`-th class."""
+    from .classification import class_embeddings
+
+    mine = list(range(rank, len(class_names), world))
+    templates = [t.replace("{c}", "{}") for t in templates]  # OneR's ensemble formats with '{}'
+    emb = class_embeddings(ctx, [class_names[c] for c in mine], templates) if mine else torch.empty(0)
+    (rows,) = gather_ordered(mine, list(emb.numpy()))
+    return torch.from_numpy(np.stack(rows))
 
 
 # ------------------------------------------------------------------------------------- metrics
@@ -738,19 +768,12 @@ def evaluate_set(ctx: EvalContext, ds: StandardSet, task: str, recall_k: Sequenc
 
         raise BenchmarkError(f"{ds.dataset}: no usable sample in {ds.source} ({DataStats().summary(enc.stats)})")
     if task == "zeroshot_classification":
-        from .classification import class_embeddings
-
-        templates = [t.replace("{c}", "{}") for t in ds.templates]  # OneR's ensemble formats with '{}'
-        class_emb = class_embeddings(ctx, ds.class_names, templates)
+        class_emb = shared_class_embeddings(ctx, ds.class_names, ds.templates, rank, world)
         counts.update(n_classes=len(ds.class_names), n_templates=len(ds.templates))
         return classification_metrics(enc.image_emb, class_emb, enc.targets), counts
-    texts, owner = [], []
-    for i, caps in enumerate(enc.targets):
-        texts.extend(caps)
-        owner.extend([i] * len(caps))
-    text_emb = ctx.encode_texts(texts, desc=f"{ds.dataset} captions")
-    counts["n_captions"] = len(texts)
-    return retrieval_metrics(enc.image_emb, text_emb, owner, recall_k), counts
+    owner = [i for i, caps in enumerate(enc.targets) for _ in caps]
+    counts["n_captions"] = len(owner)
+    return retrieval_metrics(enc.image_emb, torch.cat(enc.caption_emb), owner, recall_k), counts
 
 
 # ------------------------------------------------------------------------------------ the run
