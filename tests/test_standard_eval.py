@@ -492,6 +492,30 @@ def test_two_processes_give_the_single_process_numbers(linked, tiny_model_dir, t
         assert b["metrics"] == pytest.approx(a["metrics"], abs=1e-6), name
 
 
+# ---------------------------------------------------------------------------------------- open_clip adapter
+
+
+def test_open_clip_adapter_gives_the_evaluation_embeddings(tiny_model_dir):
+    from oner.evaluation.context import EvalContext, load_model_and_processor
+    from oner.evaluation.open_clip import load_open_clip
+
+    model, preprocess, tokenizer = load_open_clip(tiny_model_dir, device="cpu")
+    texts = ["a red square", "a considerably longer caption about a small blue circle"]
+    tokens = tokenizer(texts)
+    assert tokens.dtype == torch.int64 and tokens.shape == (2, tokenizer.context_length)
+    assert (tokens[0] == tokenizer.pad_token_id).any()  # padded to the context length, as open_clip's
+    images = [Image.new("RGB", (20, 20), (200, 10, 10)), Image.new("RGB", (30, 20), (10, 10, 200))]
+    pixels = torch.stack([preprocess(im) for im in images])
+    ctx = EvalContext(*load_model_and_processor(tiny_model_dir, device="cpu"), progress=False)
+    with torch.no_grad():
+        image_features, text_features, scale = model(pixels, tokens)
+        raw = model.encode_text(tokens)
+    assert torch.allclose(text_features, ctx.encode_texts(texts), atol=1e-6)
+    assert torch.allclose(image_features, ctx.embed_images(images), atol=1e-6)
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(2))  # unnormalised unless asked, as open_clip
+    assert float(scale) == pytest.approx(float(model.logit_scale.detach().exp()))
+
+
 # ---------------------------------------------------------------------------------------- clip_benchmark
 
 
