@@ -26,7 +26,7 @@ from oner.evaluation import context as context_module
 from oner.evaluation.cli import main
 from oner.evaluation.context import BenchmarkError
 from oner.evaluation.records import RECORD_SCHEMA, read_records, validate_record
-from oner.evaluation.standard import open_standard_set, tar_samples
+from oner.evaluation.standard_data import open_standard_set, tar_samples
 
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -348,7 +348,7 @@ class LocalHubFS:
 
 
 def test_hub_webdataset_repo_is_streamed_at_its_revision(fixtures, use_double, tmp_path, monkeypatch):
-    from oner.evaluation import standard
+    from oner.evaluation import standard_data as standard
 
     fs = LocalHubFS({"clip-benchmark/wds_toy": fixtures.wds})
     monkeypatch.setattr(standard, "_hub_filesystem", lambda: fs)
@@ -368,7 +368,7 @@ def test_hub_webdataset_repo_is_streamed_at_its_revision(fixtures, use_double, t
 def test_hub_datasets_stream_with_class_labels_and_caption_lists(fixtures, use_double, tmp_path, monkeypatch):
     import datasets
 
-    from oner.evaluation import standard
+    from oner.evaluation import standard_data as standard
 
     def classification_rows():
         for i, (label, _) in enumerate(CLS_IMAGES):

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_standard_arguments(p: argparse.ArgumentParser) -> None:
     """clip_benchmark's `eval` flags (its underscore spellings), for the standard benchmarks."""
-    from .standard import SHORTCUTS, TASKS
+    from .standard_data import SHORTCUTS, TASKS
 
     std = p.add_argument_group("standard benchmarks (clip_benchmark's layouts, tasks and JSON records)")
     std.add_argument("--dataset", nargs="+", default=None, metavar="NAME",
@@ -84,7 +84,8 @@ def run_standard_from_args(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from .records import records_table
-    from .standard import read_names_file, run_standard
+    from .standard import run_standard
+    from .standard_data import read_names_file
 
     if args.suite or args.retrieval_data or args.classification_folder:
         from .context import BenchmarkError
