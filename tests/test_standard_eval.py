@@ -298,6 +298,11 @@ def test_bad_input_is_a_clear_error(fixtures, use_double, tmp_path, capsys):
     (bare / "test").mkdir(parents=True)
     (bare / "test" / "nshards.txt").write_text("1\n")
     (bare / "test" / "0.tar").write_bytes((fixtures.wds / "test" / "0.tar").read_bytes())
+    two_names = tmp_path / "two"
+    (two_names / "test").mkdir(parents=True)
+    for name in ("nshards.txt", "0.tar", "1.tar"):
+        (two_names / "test" / name).write_bytes((fixtures.wds / "test" / name).read_bytes())
+    (two_names / "classnames.txt").write_text("cat\ndog\n")
     bad_template = tmp_path / "t.txt"
     bad_template.write_text("a photo of a cat\n")
     cases = [
@@ -307,6 +312,7 @@ def test_bad_input_is_a_clear_error(fixtures, use_double, tmp_path, capsys):
         (["not_a_shortcut"], "unknown data set"),
         (["wds/toy", "--dataset_root", tmp_path / "missing"], "does not exist"),
         (["wds/toy", "--dataset_root", fixtures.wds, "--task", "zeroshot_retrieval"], "does not fit"),
+        (["wds/two", "--dataset_root", two_names], "label 2 is out of range for 2 class names"),
     ]
     for args, message in cases:
         assert run_cli("unused", "--dataset", *args, "--output", tmp_path / "x.json") == 2, args

@@ -62,8 +62,8 @@ def _my_items(ds: StandardSet, rank: int, world: int,
             n += 1
 
 
-def encode_set(ctx: EvalContext, ds: StandardSet, rank: int = 0, world: int = 1, max_items: int | None = None,
-               show_progress: bool = True) -> tuple[list, Encoded]:
+def encode_set(ctx: EvalContext, ds: StandardSet, rank: int = 0, world: int = 1,
+               max_items: int | None = None) -> tuple[list, Encoded]:
     """Decode and encode this process's share of `ds` in batches (damaged images skipped and counted).
 
     Returns (keys, Encoded) with `(n, d)` image embeddings and the targets of the kept samples.
@@ -79,7 +79,7 @@ def encode_set(ctx: EvalContext, ds: StandardSet, rank: int = 0, world: int = 1,
     keys, targets, batch, embs = [], [], [], []
     total = ds.size if max_items is None else min(max_items, ds.size or max_items)
     bar = tqdm(total=None if total is None else -(-total // world), desc=ds.dataset, unit="img",
-               disable=not (ctx.progress and show_progress), leave=False)
+               disable=not ctx.progress, leave=False)
 
     def flush():
         if batch:
@@ -203,11 +203,19 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, owner: Se
 
 
 def evaluate_set(ctx: EvalContext, ds: StandardSet, task: str, recall_k: Sequence[int] = (1, 5, 10),
-                 max_items: int | None = None, rank: int = 0, world: int = 1,
-                 show_progress: bool = True) -> tuple[dict, dict]:
+                 max_items: int | None = None, rank: int = 0, world: int = 1) -> tuple[dict, dict]:
     """(metrics, counts) of one set; every process calls it (the encoding is split, the metrics are
     computed from the gathered embeddings)."""
-    keys, mine = encode_set(ctx, ds, rank, world, max_items, show_progress)
+    from accelerate.utils import gather_object
+
+    problem = None
+    try:
+        keys, mine = encode_set(ctx, ds, rank, world, max_items)
+    except BenchmarkError as e:  # bad data met by one process: every process must stop, not wait for it
+        problem = str(e)
+    problems = [p for p in gather_object([problem]) if p]
+    if problems:
+        raise BenchmarkError(problems[0])
     enc = gather(keys, mine)
     counts = {"n_images": len(enc.targets), "n_skipped": enc.stats["skipped"], "data_stats": enc.stats}
     if not enc.targets:
@@ -235,6 +243,8 @@ def run_standard(model_dir: str | Path, datasets: Sequence[str], dataset_root: s
     process) and return the records. See `oner.evaluation.records` for the record and output names."""
     from accelerate import PartialState
 
+    from oner.training.setup import _has_accelerator_device
+
     from . import records
     from .context import load_model_and_processor
 
@@ -249,8 +259,6 @@ def run_standard(model_dir: str | Path, datasets: Sequence[str], dataset_root: s
         raise BenchmarkError("--output must contain {dataset} when several data sets are evaluated")
     sets = [open_standard_set(d, dataset_root, split, task=task, image_root=image_root, language=language,
                               class_names=class_names, templates=templates) for d in datasets]
-    from oner.training.setup import _has_accelerator_device
-
     # Without an accelerator, `accelerate launch` processes form a group only when told to run on the CPU.
     state = PartialState(cpu=not _has_accelerator_device())
     model, processor = load_model_and_processor(model_dir, device=state.device)
