@@ -10,6 +10,7 @@ names or templates), with a one-line message on stderr.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -156,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return run_standard_from_args(args)
         except (BenchmarkError, FileNotFoundError, ValueError) as e:
-            print(f"oner-eval: error: {e}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # under accelerate launch every process stops; one says why
+                print(f"oner-eval: error: {e}", file=sys.stderr)
             return 2
     try:
         results = run_benchmark(
