@@ -82,6 +82,29 @@ def eval_results(metrics: dict) -> list:
     return out
 
 
+def standard_eval_results(model_dir: Path) -> list:
+    """One `EvalResult` per metric of the clip_benchmark records `oner-eval --dataset` wrote into
+    the folder's `standard_results/` (the data set's Hub repo as its type when it came from the Hub)."""
+    from huggingface_hub import EvalResult
+
+    from oner.evaluation.base import KIND_TASKS
+    from oner.evaluation.records import RECORDS_DIR, read_records
+
+    out = []
+    for r in read_records(Path(model_dir) / RECORDS_DIR):
+        task_type, task_name = KIND_TASKS["retrieval" if r["task"] == "zeroshot_retrieval" else "classification"]
+        source = str(r.get("source", ""))
+        on_hub = source.count("/") == 1 and not Path(source).exists()
+        for key, value in r["metrics"].items():
+            if value is not None:
+                out.append(EvalResult(
+                    task_type=task_type, task_name=task_name, dataset_type=source.split("@")[0] if on_hub else "custom",
+                    dataset_name=r["dataset"], dataset_split=r.get("split"), metric_type=key,
+                    metric_name=f"{r['dataset']} {key}", metric_value=float(value),
+                ))
+    return out
+
+
 def results_table(metrics: dict) -> str:
     """The Markdown table of `oner-eval` (value, chance, counts per metric)."""
     from oner.evaluation.report import markdown_table
@@ -162,7 +185,7 @@ def build_card(model_dir: str | Path, metrics: dict, training: dict):
     training = dict(training or {})
     metrics = dict(metrics or {})
     model_name = training.get("model_name") or model_dir.name
-    results = eval_results(metrics)
+    results = eval_results(metrics) + standard_eval_results(model_dir)
     data = ModelCardData(
         model_name=model_name,
         license=training.get("license", "apache-2.0"),

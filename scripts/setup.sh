@@ -27,5 +27,8 @@ if [[ "$extras" == "test" ]]; then
     # DeepSpeed for its CPU test (tests/test_sharded.py): a source build (about 45 s); without build
     # isolation it builds against the CPU torch above instead of downloading a CUDA one.
     .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation "deepspeed==0.19.8"
+    # clip_benchmark for tests/test_standard_eval.py, which runs its metric functions through OneR's
+    # open_clip adapter; --no-deps: its requirements pull torchvision and open_clip, which OneR never needs.
+    .venv/bin/pip install -q --disable-pip-version-check --no-deps "clip-benchmark==1.6.2"
 fi
 echo "setup: ready (.venv, extras: ${extras})"

@@ -5,6 +5,11 @@ multimodal retrieval, on the embedded emoji data set or on user data.
 `AutoProcessor` with `trust_remote_code=True`), runs the suites, writes `eval_results.json` and
 `eval_results.md`, and returns `{suite: {metric: number}}` plus a `"_meta"` entry. See
 docs/evaluation.md for each suite's protocol.
+
+The standard benchmarks (zero-shot classification and retrieval on ImageNet, COCO, Flickr30k, ...
+in LAION clip_benchmark's layouts and records): `standard.run_standard` (`oner-eval MODEL --dataset
+...`), the readers in `standard_data`, the records in `records`, and open_clip's model interface
+in `open_clip`.
 """
 
 from __future__ import annotations

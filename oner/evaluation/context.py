@@ -171,6 +171,12 @@ class EvalContext:
             ),
         )
 
+    def embed_images(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """ONE batch of images -> `(n, projection_dim)` normalised fp32 on the CPU, no progress bar
+        (for callers that stream their data and show their own bar)."""
+        with torch.inference_mode():
+            return l2_normalize(pooled(self.model.get_image_features(pixel_values=self._pixels(images))).float().cpu())
+
     def cap(self, items: list, seed: int = 0) -> list:
         """At most `max_items` of `items`: a [`seeded_subset`] (all if no cap)."""
         return list(items) if self.max_items is None else seeded_subset(items, self.max_items, seed)

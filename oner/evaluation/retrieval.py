@@ -8,6 +8,9 @@ relevant image; every image is an image->text query whose relevant texts are all
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
 
 from .base import Suite
 from .context import BenchmarkError, EvalContext, ImageLike, recall_metrics
@@ -31,17 +34,26 @@ def image_text_retrieval(ctx: EvalContext, images: list[ImageLike], captions: li
         owner.extend([i] * len(caps))
     image_emb = ctx.encode_images(images, desc=f"{desc} images", cache_key=cache_key)
     text_emb = ctx.encode_texts(texts, desc=f"{desc} captions")
-    by_image = [[] for _ in images]
-    for t, i in enumerate(owner):
-        by_image[i].append(t)
-
-    from .context import rank
-
-    out: dict[str, float | int] = {}
-    out.update(recall_metrics(rank(image_emb, text_emb, 10), by_image, len(texts), prefix="i2t_"))
-    out.update(recall_metrics(rank(text_emb, image_emb, 10), [[i] for i in owner], len(images), prefix="t2i_"))
+    out = recall_from_embeddings(image_emb, text_emb, owner)
     out["n_images"] = len(images)
     out["n_captions"] = len(texts)
+    return out
+
+
+def recall_from_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, owner: list[int],
+                           ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """`i2t_R@k`, `t2i_R@k` and their `chance_*` levels from normalised `(n, d)` image and `(m, d)`
+    text embeddings, text t describing image `owner[t]`."""
+    from .context import rank
+
+    by_image = [[] for _ in range(image_emb.shape[0])]
+    for t, i in enumerate(owner):
+        by_image[i].append(t)
+    top = max(ks)
+    out: dict[str, float] = {}
+    out.update(recall_metrics(rank(image_emb, text_emb, top), by_image, text_emb.shape[0], prefix="i2t_", ks=ks))
+    out.update(recall_metrics(rank(text_emb, image_emb, top), [[i] for i in owner], image_emb.shape[0],
+                              prefix="t2i_", ks=ks))
     return out
 
 
