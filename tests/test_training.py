@@ -257,6 +257,102 @@ def test_a_resume_may_extend_max_steps(pairs_dir, tmp_path):
     assert summary["steps"] == 5  # the schedule is this run's, not the checkpoint's
 
 
+def crash_on_step(monkeypatch, attempt: int):
+    """`optimisation_step` raises KeyboardInterrupt on this attempt (1-based): a crash or a pre-emption,
+    after the checkpoints before it. Returns a function that undoes it."""
+    import oner.training.loop as loop
+
+    real_step, calls = loop.optimisation_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == attempt:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "optimisation_step", step)
+    return lambda: monkeypatch.setattr(loop, "optimisation_step", real_step)
+
+
+def test_a_relaunch_continues_from_the_latest_checkpoint(pairs_dir, tmp_path, monkeypatch, capsys):
+    """The SAME command after a crash resumes (no flag needed) and ends on the uninterrupted run's
+    weights and summary (steps and data counts); relaunched once finished it trains nothing more;
+    --overwrite_output_dir starts over; other settings are refused, and nothing is deleted."""
+    from safetensors.torch import load_file
+
+    from conftest import reset_accelerate
+    from oner.training import main
+
+    # 6 batches per epoch: the crash at step 5 resumes from checkpoint-3, mid-epoch, and crosses an epoch.
+    flags = ("--max_steps", "7", "--checkpointing_steps", "3", "--objective", "xmc+cmc+mlm:0.2")
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    assert main(tiny_args(pairs_dir, whole, *flags)) == 0
+    undo = crash_on_step(monkeypatch, 5)
+    reset_accelerate()
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny_args(pairs_dir, out, *flags))
+    undo()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-3"]
+    capsys.readouterr()
+
+    def relaunch(*extra):
+        reset_accelerate()
+        return main(tiny_args(pairs_dir, out, *flags, *extra))
+
+    def summary(folder):
+        return json.loads((folder / "training_summary.json").read_text())
+
+    def assert_like_whole():
+        a, b = load_file(whole / "model.safetensors"), load_file(out / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        for key in ("steps", "data_stats", "final_loss"):
+            assert summary(out)[key] == summary(whole)[key], key
+        assert [r["step"] for r in log(out)] == list(range(1, 8))
+
+    assert relaunch() == 0
+    printed = capsys.readouterr().out
+    assert "Checkpoint detected, resuming training at" in printed and "at step 3" in printed
+    assert_like_whole()
+    assert summary(out)["data_stats"]["ok"] == 7 * 8  # the pairs of 7 steps, none counted twice
+
+    # Finished: the same command again trains nothing and writes the same folder.
+    assert relaunch() == 0
+    assert "training is complete at step 7" in capsys.readouterr().out
+    assert_like_whole()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-6", "checkpoint-7"]
+
+    # Other settings: refused, nothing deleted.
+    assert relaunch("--objective", "itc") == 1
+    err = capsys.readouterr().err
+    assert "settings differ" in err and "found in --output_dir" in err and "--overwrite_output_dir" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-6", "checkpoint-7"]
+
+    # --overwrite_output_dir: a fresh run, the old checkpoints gone.
+    assert relaunch("--overwrite_output_dir", "--max_steps", "2", "--objective", "itc") == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert summary(out)["steps"] == 2 and [r["step"] for r in log(out)] == [1, 2]
+
+
+def test_a_finished_run_without_checkpoints_is_not_trained_again_silently(pairs_dir, tmp_path, capsys):
+    from conftest import reset_accelerate
+    from oner.training import main
+
+    out = tmp_path / "run"
+    assert main(tiny_args(pairs_dir, out, "--max_steps", "2", "--checkpointing_steps", "0")) == 0
+    weights = (out / "model.safetensors").read_bytes()
+    reset_accelerate()
+    assert main(tiny_args(pairs_dir, out, "--max_steps", "2", "--checkpointing_steps", "0")) == 1
+    assert "holds a finished training run and no checkpoint" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == weights
+    reset_accelerate()
+    assert main(tiny_args(pairs_dir, out, "--max_steps", "3", "--checkpointing_steps", "0",
+                          "--overwrite_output_dir")) == 0
+
+
+def log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "training_log.jsonl").read_text().splitlines()]
+
+
 def test_clip_baseline_trains_and_loads(pairs_dir, tmp_path):
     from transformers import AutoModel, AutoProcessor
 
