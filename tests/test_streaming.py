@@ -95,6 +95,42 @@ def test_two_processes_stream_brace_shards_killed_and_resumed_each_key_once(shar
     assert summary["data_stats"]["truncated"] + summary["data_stats"]["empty_caption"] >= 1
 
 
+@pytest.mark.slow
+def test_two_process_stream_resumes_at_an_epoch_boundary_and_mid_epoch_to_the_same_run(shards, tmp_path):
+    """8 shards of 40 good + 2 damaged pairs, 2 processes of 8 pairs a step: 20 steps an epoch. Resumed
+    from checkpoint-20 (the end of epoch 1: the stream has nothing left of it) and from checkpoint-15,
+    both end on the uninterrupted run's weights and summary: 30 steps, and the data counts of the
+    whole run (restored from the checkpoint, summed over processes)."""
+    from safetensors.torch import load_file
+
+    folder = shards[0].parent / "small"
+    write_shards(folder, shards[0].parent / "embedded", n_shards=8, per_shard=40)
+
+    def launch(out, *extra):
+        command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                   str(REPO / "train.py"), "--train_data", f"{folder}/{{00000..00007}}.tar", "--output_dir", str(out),
+                   "--config_overrides", OVERRIDES, "--per_device_batch_size", "8", "--max_steps", "30",
+                   "--checkpointing_steps", "5", "--checkpoints_total_limit", "10", "--warmup_steps", "2",
+                   "--shuffle_buffer", "20", "--do_eval", "false", "--report_to", "none", "--logging_steps", "5",
+                   *extra]
+        result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return json.loads((out / "training_summary.json").read_text()), load_file(out / "model.safetensors")
+
+    whole_summary, whole = launch(tmp_path / "whole")
+    assert whole_summary["steps"] == 30 and whole_summary["data_stats"]["ok"] == 30 * 16
+    # epoch 1 read whole (its 16 damaged samples), then 10 steps of epoch 2
+    assert whole_summary["data_stats"]["truncated"] >= 8 and whole_summary["data_stats"]["empty_caption"] >= 8
+    checkpoints = tmp_path / "whole" / "checkpoints"
+    assert json.loads((checkpoints / "checkpoint-20" / "train_state.json").read_text())["epoch"] == 0
+    for step in (20, 15):
+        summary, weights = launch(tmp_path / f"from-{step}", "--resume_from_checkpoint", str(checkpoints / f"checkpoint-{step}"))
+        assert {k: summary[k] for k in ("steps", "data_stats")} == {k: whole_summary[k] for k in ("steps", "data_stats")}
+        for name in whole:
+            assert torch.equal(whole[name], weights[name]), (step, name)
+
+
 def _logged_run(monkeypatch, tmp_path, data, *extra) -> tuple[int, list[str], dict]:
     """train.py in this process on `data` for one epoch; the sample keys of every trained step."""
     import oner.training.loop as loop
