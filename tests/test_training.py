@@ -349,6 +349,47 @@ def test_a_finished_run_without_checkpoints_is_not_trained_again_silently(pairs_
                           "--overwrite_output_dir")) == 0
 
 
+EVAL_FLAGS = ("--eval_steps", "2", "--eval_suites", "retrieval_twemoji,pointing_game", "--eval_suites_max_items", "12")
+
+
+def eval_records(folder: Path) -> dict[int, dict]:
+    """The evaluations during training in the training log, by step, without their duration."""
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in log(folder) if "eval_seconds" in r}
+
+
+def benchmark_as_logged(model_dir: Path, out: Path) -> dict:
+    """`run_benchmark` on a folder, with the evaluation during training's suites and cap, as logged."""
+    from oner.evaluation import is_metric, run_benchmark
+
+    results = run_benchmark(model_dir, suites=EVAL_FLAGS[3].split(","), max_items=int(EVAL_FLAGS[5]),
+                            output_dir=out, progress=False)
+    return {f"eval/{suite}/{k}": v for suite, values in results.items() if suite != "_meta"
+            for k, v in values.items() if is_metric(k)}
+
+
+def test_evaluation_during_training_changes_no_weight_and_logs_what_oner_eval_finds(pairs_dir, tmp_path, monkeypatch,
+                                                                                    capsys):
+    from safetensors.torch import load_file
+
+    from conftest import reset_accelerate
+    from oner.data import build_embedded_dataset
+    from oner.training import main
+
+    monkeypatch.setenv("ONER_DATA_HOME", str(build_embedded_dataset(tmp_path / "embedded", limit=40, progress=False)))
+    flags = ("--max_steps", "4", "--checkpointing_steps", "0", "--objective", "xmc+cmc+mlm:0.2")
+    assert main(tiny_args(pairs_dir, tmp_path / "off", *flags)) == 0
+    reset_accelerate()
+    assert main(tiny_args(pairs_dir, tmp_path / "on", *flags, *EVAL_FLAGS)) == 0
+    assert "evaluation at step 2" in capsys.readouterr().out
+    off, on = load_file(tmp_path / "off" / "model.safetensors"), load_file(tmp_path / "on" / "model.safetensors")
+    assert all(torch.equal(off[k], on[k]) for k in off)  # the RNG and the model are as without evaluation
+    logged = eval_records(tmp_path / "on")
+    assert sorted(logged) == [2, 4] and logged[2] != logged[4]
+    assert logged[4] == benchmark_as_logged(tmp_path / "on", tmp_path / "eval")
+    summary = json.loads((tmp_path / "on" / "training_summary.json").read_text())
+    assert summary["final_loss"] == json.loads((tmp_path / "off" / "training_summary.json").read_text())["final_loss"]
+
+
 def log(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "training_log.jsonl").read_text().splitlines()]
 

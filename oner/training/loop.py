@@ -19,6 +19,7 @@ from oner.losses import clamp_logit_scale_
 
 from .args import parse_args
 from .checkpointing import save_checkpoint
+from .eval_during_training import evaluate_during_training, evaluates_at_step
 from .finish import finish_run
 from .mlm import whole_word_mask
 from .setup import RESUME_MUST_MATCH, Run, UserError, setup
@@ -149,6 +150,8 @@ def train_steps(run: Run) -> tuple[str, int]:
 
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
                 checkpoint(run, epoch)
+            if evaluates_at_step(args, state.step):
+                start += evaluate_during_training(run, state.step)  # off the training clock
             if state.total_steps and state.step >= state.total_steps:
                 stop_reason = "steps"
                 break
@@ -161,6 +164,9 @@ def train_steps(run: Run) -> tuple[str, int]:
             if streamed and epoch_batches == 0 and not mid_epoch:
                 raise UserError(f"{args.train_data}: an epoch of the stream gave process {accelerator.process_index} "
                                 f"no full batch of {args.per_device_batch_size} pairs ({dataset.stats.summary()})")
+            # (an epoch that a resume found empty ended in the run that wrote the checkpoint, which evaluated it)
+            if args.eval_strategy == "epoch" and epoch_batches:
+                start += evaluate_during_training(run, state.step)
             epoch, skip, mid_epoch = epoch + 1, 0, False
             if streamed and args.num_train_epochs and epoch >= args.num_train_epochs:
                 stop_reason = "epochs"

@@ -24,6 +24,7 @@ from processing_oner import build_processor
 
 from .checkpointing import TrainState, check_checkpoint, list_checkpoints, load_process_state, resolve_resume
 from .data import StreamingPairs, TrainedDataCounts, make_dataloader, make_stream_loader, open_train_data
+from .eval_during_training import prepare_evaluation
 from .finish import SUMMARY_FILE
 from .mlm import subword_table
 from .pretrainer import EMATarget, OneRPretrainer
@@ -384,6 +385,7 @@ def setup(args) -> Run:
     if accelerator.is_main_process:
         (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2, default=sorted) + "\n")
 
+    prepare_evaluation(args, accelerator)
     global_batch = args.per_device_batch_size * args.accum_freq * accelerator.num_processes
     if args.model_name_or_path:
         accelerator.print(f"continuing from {args.source_model}: its weights and processor, a fresh optimizer and schedule")
