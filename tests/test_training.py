@@ -65,6 +65,9 @@ def test_paper_config_parses():
 
     args = parse_args(["--config", str(REPO / "configs" / "base-patch16-224-cc3m.yaml")])
     assert args.preset == "base-patch16-224" and args.mixed_precision == "bf16" and args.num_train_epochs == 40
+    assert (args.eval_strategy, args.eval_steps, args.eval_suites_max_items) == ("steps", 1000, 500)
+    assert parse_args([]).eval_strategy == "no"  # the default run does not evaluate while it trains
+    assert parse_args(["--eval_strategy", "steps", "--logging_steps", "7"]).eval_steps == 7  # the Trainer's default
 
 
 def test_flags_override_the_config_file(tmp_path):
@@ -85,6 +88,10 @@ def test_flags_override_the_config_file(tmp_path):
     (["--config_overrides", "hidden_sise=3"], "known OneRConfig field"),
     (["--push_to_hub", "--hub_model_id", "not a/valid/id"], "invalid --hub_model_id"),
     (["--push_to_hub", "--hub_model_id", "someone/oner-tiny"], "no Hugging Face token"),
+    (["--overwrite_output_dir", "--resume_from_checkpoint", "latest"], "give one of them"),
+    (["--eval_steps", "0"], "--eval_steps must be >= 1"),
+    (["--eval_strategy", "epoch", "--eval_steps", "5"], "needs --eval_strategy steps"),
+    (["--eval_steps", "5", "--eval_suites", "retrieval_openmoji,nope"], "unknown suite 'nope'"),
 ])
 def test_bad_flags_exit_with_one_message(capsys, monkeypatch, argv, message):
     from oner.training import parse_args
