@@ -1,6 +1,8 @@
-"""train.py's machinery: flags, feature-cached accumulation, NaN guard, bad input, CLIP baseline."""
+"""train.py's machinery: flags, feature-cached accumulation, NaN guard, bad input, relaunches, evaluation during
+training, CLIP baseline."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -382,16 +384,27 @@ def test_evaluation_during_training_changes_no_weight_and_logs_what_oner_eval_fi
     from oner.data import build_embedded_dataset
     from oner.training import main
 
+    import oner.training.eval_during_training as during
+
     monkeypatch.setenv("ONER_DATA_HOME", str(build_embedded_dataset(tmp_path / "embedded", limit=40, progress=False)))
     flags = ("--max_steps", "4", "--checkpointing_steps", "0", "--objective", "xmc+cmc+mlm:0.2")
     assert main(tiny_args(pairs_dir, tmp_path / "off", *flags)) == 0
     reset_accelerate()
+    real_evaluate = during.evaluate
+
+    def slow_evaluate(*args, **kwargs):  # 4 s more: none of it may count as training time
+        time.sleep(4)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(during, "evaluate", slow_evaluate)
     assert main(tiny_args(pairs_dir, tmp_path / "on", *flags, *EVAL_FLAGS)) == 0
     assert "evaluation at step 2" in capsys.readouterr().out
     off, on = load_file(tmp_path / "off" / "model.safetensors"), load_file(tmp_path / "on" / "model.safetensors")
     assert all(torch.equal(off[k], on[k]) for k in off)  # the RNG and the model are as without evaluation
     logged = eval_records(tmp_path / "on")
     assert sorted(logged) == [2, 4] and logged[2] != logged[4]
+    clock = {r["step"]: r["elapsed_s"] for r in log(tmp_path / "on") if "loss" in r}
+    assert clock[3] - clock[2] < 3 and all(r["eval_seconds"] >= 4 for r in log(tmp_path / "on") if "eval_seconds" in r)
     assert logged[4] == benchmark_as_logged(tmp_path / "on", tmp_path / "eval")
     summary = json.loads((tmp_path / "on" / "training_summary.json").read_text())
     assert summary["final_loss"] == json.loads((tmp_path / "off" / "training_summary.json").read_text())["final_loss"]
