@@ -369,6 +369,27 @@ def test_stream_resumed_mid_epoch_ends_on_the_weights_of_an_uninterrupted_run(sh
         assert torch.equal(whole[name], cut[name]), name
 
 
+def test_a_finished_stream_relaunched_trains_nothing_more(shards, tmp_path, capsys):
+    """Ended by its epochs between checkpoints: the final checkpoint holds the epoch after the last."""
+    from safetensors.torch import load_file
+
+    from oner.training import main
+
+    folder, _ = shards
+    out = tmp_path / "run"
+    flags = train_flags(f"{folder}/{{00000..00001}}.tar", out, "--checkpointing_steps", "7")  # 10 steps an epoch
+    reset_accelerate()
+    assert main(flags) == 0
+    before = (json.loads((out / "training_summary.json").read_text()), load_file(out / "model.safetensors"))
+    assert before[0]["steps"] == 10
+    reset_accelerate()
+    assert main(flags) == 0
+    assert "training is complete at step 10 (all epochs done)" in capsys.readouterr().out
+    summary, weights = json.loads((out / "training_summary.json").read_text()), load_file(out / "model.safetensors")
+    assert summary["steps"] == 10 and summary["data_stats"] == before[0]["data_stats"]
+    assert all(torch.equal(weights[k], before[1][k]) for k in weights)
+
+
 def test_each_epoch_reads_the_shards_in_a_new_order(shards):
     folder, _ = shards
 

@@ -80,9 +80,10 @@ def train_steps(run: Run) -> tuple[str, int]:
         epoch, skip = divmod(state.batches_seen, run.batches_per_epoch)
     mid_epoch = resume is not None and (streamed or skip > 0)
     pending: list[dict] = []
-    stop_reason, timer = already_finished(state, budget), None
+    epochs_done = bool(streamed and args.num_train_epochs and epoch >= args.num_train_epochs)
+    stop_reason, timer = already_finished(state, budget, epochs_done), None
     if stop_reason:  # a relaunch of a finished run: its last checkpoint holds the final state
-        limit = f"all {state.total_steps} steps" if stop_reason == "steps" else "the time budget"
+        limit = {"steps": f"all {state.total_steps} steps", "time": "the time budget", "epochs": "all epochs"}[stop_reason]
         accelerator.print(f"training is complete at step {state.step} ({limit} done): nothing left to train; "
                           "the model folder is written (and evaluated) again from the last checkpoint")
     pretrainer.train()
@@ -174,13 +175,14 @@ def train_steps(run: Run) -> tuple[str, int]:
     return stop_reason, epoch
 
 
-def already_finished(state, budget: float) -> str | None:
-    """Why a run resumed from its last checkpoint has nothing left to train ("steps", "time"), else None."""
+def already_finished(state, budget: float, epochs_done: bool) -> str | None:
+    """Why a run resumed from its last checkpoint has nothing left to train ("steps", "time", "epochs":
+    a stream's, whose final checkpoint holds the epoch after its last), else None."""
     if state.total_steps and state.step >= state.total_steps:
         return "steps"
     if state.train_seconds >= budget:
         return "time"
-    return None
+    return "epochs" if epochs_done else None
 
 
 def synced_elapsed(accelerator, start: float) -> float:
