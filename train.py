@@ -17,7 +17,8 @@ The recipe, step by step (`oner.training.setup` builds the run, `oner.training.l
 4. objective: `oner.objectives` (ITC, XMC, CIC, CMC, MLM; softmax or sigmoid; optional EMA target),
    negatives gathered across processes with gradient (`oner.losses`);
 5. loop: AdamW, warmup + cosine, feature-cached accumulation, NaN/inf guard, logit scale clamped to
-   [0, ln 100], checkpoints every `--checkpointing_steps` (resume: `--resume_from_checkpoint latest`);
+   [0, ln 100], checkpoints every `--checkpointing_steps` (the same command again resumes from the
+   latest), optional evaluation during training (`--eval_steps`);
 6. end: the model folder (model, processor, remote code), loss curve, training log, evaluation
    (`oner.evaluation.run_benchmark`), model card, optional push to the Hub.
 """

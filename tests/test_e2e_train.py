@@ -52,10 +52,10 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(pairs_dir, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (cut / "model.safetensors").exists()
-    resumed = subprocess.run(command(pairs_dir, cut, *extra, "--resume_from_checkpoint", "latest"),
-                             env=env(), capture_output=True, text=True)
+    # The SAME command again: it finds the checkpoints and continues.
+    resumed = subprocess.run(command(pairs_dir, cut, *extra), env=env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout
+    assert "Checkpoint detected, resuming training at" in resumed.stdout and "resumed from" in resumed.stdout
 
     a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
     assert a.keys() == b.keys()

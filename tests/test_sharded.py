@@ -35,6 +35,8 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 HARNESS = str(REPO / "tests" / "sharded_on_cpu.py")
 OVERRIDES = ",".join(f"{k}={v}" for k, v in TINY.items())
 STEPS = ["--max_steps", "3", "--checkpointing_steps", "2"]  # 3 batches per process and epoch: step 2 is mid-epoch
+# Evaluation during training at step 2, in the DDP and FSDP runs below (their weights must still agree).
+EVAL = ["--eval_steps", "2", "--eval_suites", "retrieval_twemoji,pointing_game", "--eval_suites_max_items", "12"]
 
 
 def train_flags(data, out, *extra):
@@ -43,15 +45,16 @@ def train_flags(data, out, *extra):
             "--logging_steps", "1", "--mixed_precision", "no", *extra]
 
 
-def env():
+def env(**extra):
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keeps a deepspeed found there
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
-def launch(launcher: list[str], data, out, *extra, harness: bool = False):
+def launch(launcher: list[str], data, out, *extra, harness: bool = False, data_home: Path | None = None):
     command = [ACCELERATE, "launch", *launcher, "--mixed_precision", "no", "--dynamo_backend", "no",
                *([HARNESS] if harness else []), *train_flags(data, out, *extra)]
-    result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
+    extra_env = {"ONER_DATA_HOME": str(data_home)} if data_home else {}
+    result = subprocess.run(command, env=env(**extra_env), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -76,14 +79,25 @@ def assert_same_weights(a: dict, b: dict, atol=1e-6):
         assert torch.allclose(a[name], b[name], atol=atol, rtol=0), name
 
 
-def log(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "training_log.jsonl").read_text().splitlines()]
+def log(folder: Path, kind: str = "loss") -> list[dict]:
+    """The training log's lines of steps (`kind` "loss") or of evaluations ("eval_seconds")."""
+    lines = [json.loads(line) for line in (folder / "training_log.jsonl").read_text().splitlines()]
+    return [r for r in lines if kind in r]
 
 
 @pytest.fixture(scope="module")
-def ddp_run(pairs_dir, tmp_path_factory):
+def embedded_home(tmp_path_factory):
+    """A small embedded data set for the evaluations during training (ONER_DATA_HOME)."""
+    from oner.data import build_embedded_dataset
+
+    return build_embedded_dataset(tmp_path_factory.mktemp("embedded") / "data", limit=40, progress=False)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(pairs_dir, tmp_path_factory, embedded_home):
     out = tmp_path_factory.mktemp("ddp") / "run"
-    launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1"], pairs_dir, out, *STEPS)
+    launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1"], pairs_dir, out, *STEPS, *EVAL,
+           data_home=embedded_home)
     return out
 
 
@@ -92,12 +106,12 @@ FSDP_CONFIGS = {"fsdp": 2, "fsdp1": 1}
 
 
 @pytest.fixture(scope="module", params=sorted(FSDP_CONFIGS))
-def fsdp_run(request, pairs_dir, tmp_path_factory):
+def fsdp_run(request, pairs_dir, tmp_path_factory, embedded_home):
     name = request.param
     root = tmp_path_factory.mktemp(name)
     out = root / "run"
     result = launch(["--config_file", str(cpu_fsdp_config(root, name)), "--num_processes", "2"], pairs_dir, out,
-                    *STEPS, harness=True)
+                    *STEPS, *EVAL, harness=True, data_home=embedded_home)
     return out, result, name
 
 
@@ -295,6 +309,49 @@ def test_fsdp_resumes_mid_epoch_to_the_same_weights(fsdp_run, pairs_dir, tmp_pat
     assert "resumed from" in result.stdout and "at step 2 (2 batches seen)" in result.stdout
     assert_same_weights(weights(out), weights(resumed))
     assert [r["loss"] for r in log(resumed)] == [r["loss"] for r in log(out)][2:]
+
+
+def checkpoint_as_folder(checkpoint_weights: dict, like: Path, folder: Path) -> Path:
+    """A model folder holding a checkpoint's weights (the pretrainer's `model.*`), with `like`'s processor."""
+    from transformers import AutoConfig
+
+    from modeling_oner import OneRModel
+    from oner.model_folder import save_model_folder
+    from oner.training.sharding import build_model_for_saving
+    from processing_oner import OneRProcessor
+
+    model_weights = {k[len("model."):]: v for k, v in checkpoint_weights.items() if k.startswith("model.")}
+    config = AutoConfig.from_pretrained(like, trust_remote_code=True)
+    model = build_model_for_saving(OneRModel, config, model_weights)
+    return save_model_folder(model, OneRProcessor.from_pretrained(like), folder)
+
+
+def benchmark_as_logged(model_dir: Path, out: Path, data_home: Path) -> dict:
+    """`oner-eval` on a folder with the evaluation during training's suites and cap, as logged."""
+    from oner.evaluation import is_metric, run_benchmark
+
+    results = run_benchmark(model_dir, suites=EVAL[3].split(","), max_items=int(EVAL[5]), data_root=data_home,
+                            output_dir=out, progress=False)
+    return {f"eval/{suite}/{k}": v for suite, values in results.items() if suite != "_meta"
+            for k, v in values.items() if is_metric(k)}
+
+
+@pytest.mark.slow
+def test_evaluation_during_training_logs_what_oner_eval_finds_on_that_checkpoint(ddp_run, fsdp_run, embedded_home,
+                                                                                 tmp_path):
+    """DDP and FSDP, 2 processes: the evaluation at step 2 (main process, gathered weights) logged the
+    numbers `oner-eval` gives on checkpoint-2 afterwards; and the runs still train alike (above)."""
+    for out, name in ((ddp_run, "ddp"), (fsdp_run[0], fsdp_run[2])):
+        (logged,) = log(out, "eval_seconds")
+        assert logged["step"] == 2 and logged["eval_seconds"] > 0
+        checkpoint = out / "checkpoints" / "checkpoint-2"
+        if name == "ddp":
+            saved = load_file(checkpoint / "model.safetensors")
+        else:  # accelerate's FSDP save: the gathered FULL_STATE_DICT
+            saved = torch.load(checkpoint / "pytorch_model_fsdp.bin", map_location="cpu")
+        folder = checkpoint_as_folder(saved, out, tmp_path / name)
+        expected = benchmark_as_logged(folder, tmp_path / f"{name}-eval", embedded_home)
+        assert {k: v for k, v in logged.items() if k.startswith("eval/")} == expected, name
 
 
 @pytest.mark.slow

@@ -74,12 +74,13 @@ def test_two_processes_stream_brace_shards_killed_and_resumed_each_key_once(shar
     assert checkpoints and checkpoints[-1].name == "checkpoint-20", killed.stderr[-3000:]
     assert (checkpoints[-1] / "process_state_0.pt").is_file() and (checkpoints[-1] / "process_state_1.pt").is_file()
 
-    # 2. resumed: the epoch ends after 40 steps in all.
+    # 2. the same command again resumes: the epoch ends after 40 steps in all.
     launch[launch.index("--main_process_port") + 1] = str(free_port())
-    resumed = subprocess.run(launch + flags + ["--resume_from_checkpoint", "latest"], env=env(KEY_LOG=f"{log}-resumed"),
+    resumed = subprocess.run(launch + flags, env=env(KEY_LOG=f"{log}-resumed"),
                              capture_output=True, text=True, start_new_session=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "2 process(es)" in resumed.stdout
+    assert "Checkpoint detected" in resumed.stdout and "resumed from" in resumed.stdout
+    assert "2 process(es)" in resumed.stdout
 
     trained = []
     for process in (0, 1):
@@ -91,8 +92,45 @@ def test_two_processes_stream_brace_shards_killed_and_resumed_each_key_once(shar
     assert_each_key_once(trained, keys)
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["steps"] == 40 and summary["streamed"] is True and summary["global_batch_size"] == 2 * BATCH
-    # Damage after the resume is counted over both processes (what the killed run read is gone with it).
-    assert summary["data_stats"]["truncated"] + summary["data_stats"]["empty_caption"] >= 1
+    # The whole epoch's counts: checkpoint-20's, restored, and the resumed run's, over both processes.
+    stats = summary["data_stats"]
+    assert (stats["ok"], stats["truncated"], stats["empty_caption"]) == (len(keys["good"]), 16, 16)
+
+
+@pytest.mark.slow
+def test_two_process_stream_resumes_at_an_epoch_boundary_and_mid_epoch_to_the_same_run(shards, tmp_path):
+    """8 shards of 40 good + 2 damaged pairs, 2 processes of 8 pairs a step: 20 steps an epoch. Resumed
+    from checkpoint-20 (the end of epoch 1: the stream has nothing left of it) and from checkpoint-15,
+    both end on the uninterrupted run's weights and summary: 30 steps, and the data counts of the
+    whole run (restored from the checkpoint, summed over processes)."""
+    from safetensors.torch import load_file
+
+    folder = shards[0].parent / "small"
+    write_shards(folder, shards[0].parent / "embedded", n_shards=8, per_shard=40)
+
+    def launch(out, *extra):
+        command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                   str(REPO / "train.py"), "--train_data", f"{folder}/{{00000..00007}}.tar", "--output_dir", str(out),
+                   "--config_overrides", OVERRIDES, "--per_device_batch_size", "8", "--max_steps", "30",
+                   "--checkpointing_steps", "5", "--checkpoints_total_limit", "10", "--warmup_steps", "2",
+                   "--shuffle_buffer", "20", "--do_eval", "false", "--report_to", "none", "--logging_steps", "5",
+                   *extra]
+        result = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return json.loads((out / "training_summary.json").read_text()), load_file(out / "model.safetensors")
+
+    whole_summary, whole = launch(tmp_path / "whole")
+    assert whole_summary["steps"] == 30 and whole_summary["data_stats"]["ok"] == 30 * 16
+    # epoch 1 read whole (its 16 damaged samples), then 10 steps of epoch 2
+    assert whole_summary["data_stats"]["truncated"] >= 8 and whole_summary["data_stats"]["empty_caption"] >= 8
+    checkpoints = tmp_path / "whole" / "checkpoints"
+    assert json.loads((checkpoints / "checkpoint-20" / "train_state.json").read_text())["epoch"] == 0
+    for step in (20, 15):
+        summary, weights = launch(tmp_path / f"from-{step}", "--resume_from_checkpoint", str(checkpoints / f"checkpoint-{step}"))
+        assert {k: summary[k] for k in ("steps", "data_stats")} == {k: whole_summary[k] for k in ("steps", "data_stats")}
+        for name in whole:
+            assert torch.equal(whole[name], weights[name]), (step, name)
 
 
 def _logged_run(monkeypatch, tmp_path, data, *extra) -> tuple[int, list[str], dict]:
@@ -329,6 +367,27 @@ def test_stream_resumed_mid_epoch_ends_on_the_weights_of_an_uninterrupted_run(sh
     whole, cut = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     for name in whole:
         assert torch.equal(whole[name], cut[name]), name
+
+
+def test_a_finished_stream_relaunched_trains_nothing_more(shards, tmp_path, capsys):
+    """Ended by its epochs between checkpoints: the final checkpoint holds the epoch after the last."""
+    from safetensors.torch import load_file
+
+    from oner.training import main
+
+    folder, _ = shards
+    out = tmp_path / "run"
+    flags = train_flags(f"{folder}/{{00000..00001}}.tar", out, "--checkpointing_steps", "7")  # 10 steps an epoch
+    reset_accelerate()
+    assert main(flags) == 0
+    before = (json.loads((out / "training_summary.json").read_text()), load_file(out / "model.safetensors"))
+    assert before[0]["steps"] == 10
+    reset_accelerate()
+    assert main(flags) == 0
+    assert "training is complete at step 10 (all epochs done)" in capsys.readouterr().out
+    summary, weights = json.loads((out / "training_summary.json").read_text()), load_file(out / "model.safetensors")
+    assert summary["steps"] == 10 and summary["data_stats"] == before[0]["data_stats"]
+    assert all(torch.equal(weights[k], before[1][k]) for k in weights)
 
 
 def test_each_epoch_reads_the_shards_in_a_new_order(shards):

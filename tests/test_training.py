@@ -1,6 +1,8 @@
-"""train.py's machinery: flags, feature-cached accumulation, NaN guard, bad input, CLIP baseline."""
+"""train.py's machinery: flags, feature-cached accumulation, NaN guard, bad input, relaunches, evaluation during
+training, CLIP baseline."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,9 @@ def test_paper_config_parses():
 
     args = parse_args(["--config", str(REPO / "configs" / "base-patch16-224-cc3m.yaml")])
     assert args.preset == "base-patch16-224" and args.mixed_precision == "bf16" and args.num_train_epochs == 40
+    assert (args.eval_strategy, args.eval_steps, args.eval_suites_max_items) == ("steps", 1000, 500)
+    assert parse_args([]).eval_strategy == "no"  # the default run does not evaluate while it trains
+    assert parse_args(["--eval_strategy", "steps", "--logging_steps", "7"]).eval_steps == 7  # the Trainer's default
 
 
 def test_flags_override_the_config_file(tmp_path):
@@ -97,6 +102,10 @@ def test_flags_override_the_config_file(tmp_path):
     (["--config_overrides", "hidden_sise=3"], "known OneRConfig field"),
     (["--push_to_hub", "--hub_model_id", "not a/valid/id"], "invalid --hub_model_id"),
     (["--push_to_hub", "--hub_model_id", "someone/oner-tiny"], "no Hugging Face token"),
+    (["--overwrite_output_dir", "--resume_from_checkpoint", "latest"], "give one of them"),
+    (["--eval_steps", "0"], "--eval_steps must be >= 1"),
+    (["--eval_strategy", "epoch", "--eval_steps", "5"], "needs --eval_strategy steps"),
+    (["--eval_steps", "5", "--eval_suites", "retrieval_openmoji,nope"], "unknown suite 'nope'"),
 ])
 def test_bad_flags_exit_with_one_message(capsys, monkeypatch, argv, message):
     from oner.training import parse_args
@@ -267,6 +276,154 @@ def test_a_resume_may_extend_max_steps(pairs_dir, tmp_path):
     assert main(tiny_args(pairs_dir, out, "--max_steps", "5", "--resume_from_checkpoint", "latest")) == 0
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["steps"] == 5  # the schedule is this run's, not the checkpoint's
+
+
+def crash_on_step(monkeypatch, attempt: int):
+    """`optimisation_step` raises KeyboardInterrupt on this attempt (1-based): a crash or a pre-emption,
+    after the checkpoints before it. Returns a function that undoes it."""
+    import oner.training.loop as loop
+
+    real_step, calls = loop.optimisation_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == attempt:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "optimisation_step", step)
+    return lambda: monkeypatch.setattr(loop, "optimisation_step", real_step)
+
+
+def test_a_relaunch_continues_from_the_latest_checkpoint(pairs_dir, tmp_path, monkeypatch, capsys):
+    """The SAME command after a crash resumes (no flag needed) and ends on the uninterrupted run's
+    weights and summary (steps and data counts); relaunched once finished it trains nothing more;
+    --overwrite_output_dir starts over; other settings are refused, and nothing is deleted."""
+    from safetensors.torch import load_file
+
+    from conftest import reset_accelerate
+    from oner.training import main
+
+    # 6 batches per epoch: the crash at step 5 resumes from checkpoint-3, mid-epoch, and crosses an epoch.
+    flags = ("--max_steps", "7", "--checkpointing_steps", "3", "--objective", "xmc+cmc+mlm:0.2")
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    assert main(tiny_args(pairs_dir, whole, *flags)) == 0
+    undo = crash_on_step(monkeypatch, 5)
+    reset_accelerate()
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny_args(pairs_dir, out, *flags))
+    undo()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-3"]
+    capsys.readouterr()
+
+    def relaunch(*extra):
+        reset_accelerate()
+        return main(tiny_args(pairs_dir, out, *flags, *extra))
+
+    def summary(folder):
+        return json.loads((folder / "training_summary.json").read_text())
+
+    def assert_like_whole():
+        a, b = load_file(whole / "model.safetensors"), load_file(out / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        for key in ("steps", "data_stats", "final_loss"):
+            assert summary(out)[key] == summary(whole)[key], key
+        assert [r["step"] for r in log(out)] == list(range(1, 8))
+
+    assert relaunch() == 0
+    printed = capsys.readouterr().out
+    assert "Checkpoint detected, resuming training at" in printed and "at step 3" in printed
+    assert_like_whole()
+    assert summary(out)["data_stats"]["ok"] == 7 * 8  # the pairs of 7 steps, none counted twice
+
+    # Finished: the same command again trains nothing and writes the same folder.
+    assert relaunch() == 0
+    assert "training is complete at step 7" in capsys.readouterr().out
+    assert_like_whole()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-6", "checkpoint-7"]
+
+    # Other settings: refused, nothing deleted.
+    assert relaunch("--objective", "itc") == 1
+    err = capsys.readouterr().err
+    assert "settings differ" in err and "found in --output_dir" in err and "--overwrite_output_dir" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-6", "checkpoint-7"]
+
+    # --overwrite_output_dir: a fresh run, the old checkpoints gone.
+    assert relaunch("--overwrite_output_dir", "--max_steps", "2", "--objective", "itc") == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert summary(out)["steps"] == 2 and [r["step"] for r in log(out)] == [1, 2]
+
+
+def test_a_finished_run_without_checkpoints_is_not_trained_again_silently(pairs_dir, tmp_path, capsys):
+    from conftest import reset_accelerate
+    from oner.training import main
+
+    out = tmp_path / "run"
+    assert main(tiny_args(pairs_dir, out, "--max_steps", "2", "--checkpointing_steps", "0")) == 0
+    weights = (out / "model.safetensors").read_bytes()
+    reset_accelerate()
+    assert main(tiny_args(pairs_dir, out, "--max_steps", "2", "--checkpointing_steps", "0")) == 1
+    assert "holds a finished training run and no checkpoint" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == weights
+    reset_accelerate()
+    assert main(tiny_args(pairs_dir, out, "--max_steps", "3", "--checkpointing_steps", "0",
+                          "--overwrite_output_dir")) == 0
+
+
+EVAL_FLAGS = ("--eval_steps", "2", "--eval_suites", "retrieval_twemoji,pointing_game", "--eval_suites_max_items", "12")
+
+
+def eval_records(folder: Path) -> dict[int, dict]:
+    """The evaluations during training in the training log, by step, without their duration."""
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in log(folder) if "eval_seconds" in r}
+
+
+def benchmark_as_logged(model_dir: Path, out: Path) -> dict:
+    """`run_benchmark` on a folder, with the evaluation during training's suites and cap, as logged."""
+    from oner.evaluation import is_metric, run_benchmark
+
+    results = run_benchmark(model_dir, suites=EVAL_FLAGS[3].split(","), max_items=int(EVAL_FLAGS[5]),
+                            output_dir=out, progress=False)
+    return {f"eval/{suite}/{k}": v for suite, values in results.items() if suite != "_meta"
+            for k, v in values.items() if is_metric(k)}
+
+
+def test_evaluation_during_training_changes_no_weight_and_logs_what_oner_eval_finds(pairs_dir, tmp_path, monkeypatch,
+                                                                                    capsys):
+    from safetensors.torch import load_file
+
+    from conftest import reset_accelerate
+    from oner.data import build_embedded_dataset
+    from oner.training import main
+
+    import oner.training.eval_during_training as during
+
+    monkeypatch.setenv("ONER_DATA_HOME", str(build_embedded_dataset(tmp_path / "embedded", limit=40, progress=False)))
+    flags = ("--max_steps", "4", "--checkpointing_steps", "0", "--objective", "xmc+cmc+mlm:0.2")
+    assert main(tiny_args(pairs_dir, tmp_path / "off", *flags)) == 0
+    reset_accelerate()
+    real_evaluate = during.evaluate
+
+    def slow_evaluate(*args, **kwargs):  # 4 s more: none of it may count as training time
+        time.sleep(4)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(during, "evaluate", slow_evaluate)
+    assert main(tiny_args(pairs_dir, tmp_path / "on", *flags, *EVAL_FLAGS)) == 0
+    assert "evaluation at step 2" in capsys.readouterr().out
+    off, on = load_file(tmp_path / "off" / "model.safetensors"), load_file(tmp_path / "on" / "model.safetensors")
+    assert all(torch.equal(off[k], on[k]) for k in off)  # the RNG and the model are as without evaluation
+    logged = eval_records(tmp_path / "on")
+    assert sorted(logged) == [2, 4] and logged[2] != logged[4]
+    clock = {r["step"]: r["elapsed_s"] for r in log(tmp_path / "on") if "loss" in r}
+    assert clock[3] - clock[2] < 3 and all(r["eval_seconds"] >= 4 for r in log(tmp_path / "on") if "eval_seconds" in r)
+    assert logged[4] == benchmark_as_logged(tmp_path / "on", tmp_path / "eval")
+    summary = json.loads((tmp_path / "on" / "training_summary.json").read_text())
+    assert summary["final_loss"] == json.loads((tmp_path / "off" / "training_summary.json").read_text())["final_loss"]
+
+
+def log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "training_log.jsonl").read_text().splitlines()]
 
 
 def test_clip_baseline_trains_and_loads(pairs_dir, tmp_path):

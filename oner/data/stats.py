@@ -60,10 +60,24 @@ class DataStats:
 
     def as_dict(self) -> dict[str, int]:
         """All counters summed over workers, plus ``skipped`` (all damage kinds together)."""
-        totals = self._counts.sum(dim=0).tolist()
-        out = {name: int(v) for name, v in zip(_COLUMNS, totals)}
+        return self.counts_dict(self._counts.sum(dim=0))
+
+    @staticmethod
+    def counts_dict(values: torch.Tensor) -> dict[str, int]:
+        """``as_dict()`` of one row of counters (e.g. ``own_counts()[1:]``, or rows summed)."""
+        out = {name: int(v) for name, v in zip(_COLUMNS, values.tolist())}
         out["skipped"] = sum(out[k] for k in DAMAGE_KINDS)
         return out
+
+    def own_counts(self) -> torch.Tensor:
+        """``[row, *counters]``: what the calling process (a DataLoader worker, or the main process)
+        has recorded so far, and the row it records into."""
+        row = _worker_row()
+        return torch.cat([torch.tensor([row]), self._counts[row]])
+
+    def rows(self) -> torch.Tensor:
+        """A copy of every process's counters, one row each (row 0: the main process)."""
+        return self._counts.clone()
 
     def summary(self, counts: dict[str, int] | None = None) -> str:
         """A one-line human report, e.g. ``data: 998 ok, 2 skipped (truncated: 1, empty_caption: 1)``,

@@ -137,21 +137,42 @@ def run_benchmark(
         `{suite: {metric: float, "chance_<metric>": float, "n_<count>": int}}` and `"_meta"`:
         model, data_root, device, seconds, versions, per-suite kind/dataset/description, heatmap files.
     """
-    if batch_size < 1:
-        raise BenchmarkError(f"batch_size must be >= 1, got {batch_size}")
-    if max_items is not None and max_items < 1:
-        raise BenchmarkError(f"max_items must be >= 1, got {max_items}")
+    _check_sizes(batch_size, max_items)
     chosen = resolve_suites(suites)  # before loading anything: a typo fails fast
     start = time.time()
     model, processor = load_model_and_processor(model_dir)
+    output_dir = Path(output_dir) if output_dir is not None else Path(model_dir)
+    results = evaluate(model, processor, chosen, data_root=data_root, output_dir=output_dir, batch_size=batch_size,
+                       progress=progress, max_items=max_items, model_name=str(model_dir), start=start)
+    write_results(results, output_dir)
+    return results
+
+
+def evaluate(
+    model,
+    processor,
+    suites: Sequence[str | Suite] | None = None,
+    data_root: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    max_items: int | None = None,
+    model_name: str = "in memory",
+    start: float | None = None,
+) -> dict:
+    """`run_benchmark` on a model already loaded (in eval mode, on its device): what the training
+    loop's evaluation during training calls. Writes no file but the heatmaps, and those only with
+    `output_dir`; `model_name` and `start` go into `"_meta"` (`start`: `time.time()` before loading)."""
+    _check_sizes(batch_size, max_items)
+    chosen = resolve_suites(suites)
+    start = time.time() if start is None else start
     root = None
     if _needs_embedded(chosen):
         from .embedded_data import ensure_embedded
 
         root = ensure_embedded(data_root, progress=progress)
-    output_dir = Path(output_dir) if output_dir is not None else Path(model_dir)
     ctx = EvalContext(model, processor, batch_size=batch_size, progress=progress, max_items=max_items,
-                      data_root=root, output_dir=output_dir)
+                      data_root=root, output_dir=Path(output_dir) if output_dir is not None else None)
 
     from tqdm.auto import tqdm
 
@@ -161,9 +182,15 @@ def run_benchmark(
         t = time.time()
         results[suite.name] = suite.run(ctx)
         suite_times[suite.name] = round(time.time() - t, 2)
-    results["_meta"] = _metadata(model_dir, model, root, chosen, ctx, start, suite_times, max_items)
-    write_results(results, output_dir)
+    results["_meta"] = _metadata(model_name, model, root, chosen, ctx, start, suite_times, max_items)
     return results
+
+
+def _check_sizes(batch_size: int, max_items: int | None) -> None:
+    if batch_size < 1:
+        raise BenchmarkError(f"batch_size must be >= 1, got {batch_size}")
+    if max_items is not None and max_items < 1:
+        raise BenchmarkError(f"max_items must be >= 1, got {max_items}")
 
 
 def _metadata(model_dir, model, root, suites, ctx, start, suite_times, max_items) -> dict:
@@ -196,6 +223,7 @@ def _metadata(model_dir, model, root, suites, ctx, start, suite_times, max_items
 
 __all__ = [
     "run_benchmark",
+    "evaluate",
     "user_retrieval_suite",
     "folder_classification_suite",
     "embedded_suites",

@@ -22,6 +22,7 @@ MIXED_PRECISION = ("no", "fp32", "bf16", "fp16")
 # gives the same model on every CPU: about 10 minutes on 2 cores with native bf16 (AMX), about 25 on
 # 2 cores without it (docs/training.md).
 DEFAULT_MAX_STEPS = 2600
+EVAL_STRATEGIES = ("no", "steps", "epoch")
 
 
 def _bool(value: str) -> bool:
@@ -141,13 +142,26 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints and tracking")
     g.add_argument("--checkpointing_steps", type=int, default=100, help="save a resumable checkpoint every N steps; 0 = never")
     g.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep the last N checkpoints")
-    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest' or a checkpoint folder. Unset: the latest checkpoint in --output_dir, if any")
+    _flag(g, "--overwrite_output_dir", False, "start over in an --output_dir that holds checkpoints or a finished run: "
+          "its checkpoints are deleted (without it a relaunch continues from the latest checkpoint)")
     g.add_argument("--logging_steps", type=int, default=10)
     g.add_argument("--report_to", default="tensorboard", help="accelerate trackers: tensorboard, all or none")
 
     g = p.add_argument_group("evaluation and sharing")
     _flag(g, "--do_eval", True, "run the benchmark suites on the final model folder")
     g.add_argument("--eval_max_items", type=int, default=None, help="cap each evaluation suite (quick runs)")
+    g.add_argument("--eval_strategy", default=None, choices=EVAL_STRATEGIES,
+                   help="evaluate during training: every --eval_steps steps, at the end of each epoch, or never. "
+                   "Unset: steps when --eval_steps is given, else no")
+    g.add_argument("--eval_steps", type=int, default=None,
+                   help="steps between evaluations during training (default with --eval_strategy steps: --logging_steps)")
+    g.add_argument("--eval_suites", default="retrieval_openmoji,classification_group",
+                   help="comma-separated suites of the evaluation during training (oner-eval's names); the final "
+                   "evaluation runs all")
+    g.add_argument("--eval_suites_max_items", type=int, default=256,
+                   help="cap each suite of the evaluation during training (a fixed-seed subset)")
     _flag(g, "--push_to_hub", False, "upload the final folder with oner.hub.push_folder")
     g.add_argument("--hub_model_id", default=None, help="owner/name on the Hub (needed with --push_to_hub)")
     _flag(g, "--hub_private", False, "create the Hub repository as private")
@@ -256,6 +270,9 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("--max_train_minutes must be > 0")
     if args.checkpointing_steps < 0 or args.checkpoints_total_limit < 1:
         parser.error("--checkpointing_steps must be >= 0 and --checkpoints_total_limit >= 1")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error("--overwrite_output_dir starts over and --resume_from_checkpoint continues: give one of them")
+    _validate_eval(parser, args)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id owner/name")
     if args.push_to_hub:
@@ -281,6 +298,29 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         args.model_overrides = parse_overrides(args.config_overrides)
     except ValueError as e:
         parser.error(f"--config_overrides: {e}")
+
+
+def _validate_eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Resolve `--eval_strategy` (unset: steps when `--eval_steps` is given, as users of transformers' Trainer
+    expect) and `--eval_steps`; `args.eval_suite_names` is the list of suites."""
+    if args.eval_steps is not None and args.eval_steps < 1:
+        parser.error("--eval_steps must be >= 1")
+    if args.eval_suites_max_items < 1:
+        parser.error("--eval_suites_max_items must be >= 1")
+    if args.eval_strategy is None:
+        args.eval_strategy = "steps" if args.eval_steps is not None else "no"
+    elif args.eval_strategy != "steps" and args.eval_steps is not None:
+        parser.error(f"--eval_steps {args.eval_steps} needs --eval_strategy steps (got {args.eval_strategy})")
+    if args.eval_strategy == "steps" and args.eval_steps is None:
+        args.eval_steps = args.logging_steps  # transformers' Trainer does the same
+    args.eval_suite_names = [s.strip() for s in str(args.eval_suites).split(",") if s.strip()]
+    if args.eval_strategy != "no":
+        from oner.evaluation import BenchmarkError, resolve_suites
+
+        try:
+            resolve_suites(args.eval_suite_names)
+        except BenchmarkError as e:
+            parser.error(f"--eval_suites: {e}")
 
 
 def parse_overrides(text: str | None) -> dict:

@@ -207,7 +207,7 @@ def make_stream_loader(dataset: StreamingPairs, processor, batch_size: int, num_
         return StatefulDataLoader(
             dataset,
             batch_size=batch_size,
-            collate_fn=ImageTextCollator(processor, stats=dataset.stats),
+            collate_fn=CountingCollator(ImageTextCollator(processor, stats=dataset.stats)),
             drop_last=True,  # equal shapes on every rank; a rank's last partial batch waits for no one
             num_workers=num_workers,
         )
@@ -216,7 +216,7 @@ def make_stream_loader(dataset: StreamingPairs, processor, batch_size: int, num_
 def make_dataloader(dataset: AugmentedPairs, processor, batch_size: int, seed: int, num_workers: int):
     """DataLoader over `dataset` with the `oner.data` collator (drops damaged samples)."""
     sampler = EpochSampler(len(dataset), seed=seed)
-    collator = ImageTextCollator(processor, stats=dataset.stats)
+    collator = CountingCollator(ImageTextCollator(processor, stats=dataset.stats))
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -226,6 +226,60 @@ def make_dataloader(dataset: AugmentedPairs, processor, batch_size: int, seed: i
         num_workers=num_workers,
         persistent_workers=False,  # workers are re-forked each epoch and see the new epoch number
     ), sampler
+
+
+# ---------------------------------------------------------------------------------------------
+# Data counts of the batches trained on
+# ---------------------------------------------------------------------------------------------
+
+COUNTS_KEY = "data_counts"
+
+
+class CountingCollator:
+    """`ImageTextCollator` whose batches also carry, under `COUNTS_KEY`, the data counters of the
+    process that made them (a loader worker or the training process) up to and including the
+    batch: `DataStats.own_counts()`, `[row, *counters]`."""
+
+    def __init__(self, collator: ImageTextCollator):
+        self.collator = collator
+
+    def __call__(self, samples):
+        batch = self.collator(samples)
+        if batch is not None:  # an all-damaged batch: the next batch of the same process carries its counts
+            batch[COUNTS_KEY] = self.collator.stats.own_counts()
+        return batch
+
+
+class TrainedDataCounts:
+    """The data counters (good and damaged samples by kind) of the whole run, as far as it trained.
+
+    Loaders read ahead (accelerate's prepared loader by one batch, loader workers by their prefetch),
+    so `DataStats` also counts samples no step has used yet; a checkpoint holding those would count
+    them again after a resume. Instead each batch carries its maker's counts (`CountingCollator`),
+    the newest per maker are kept (`consume`), and at the end of an epoch, when every sample read
+    belongs to it, the counters are taken whole (`epoch_ended`). `restored`: the totals a resumed
+    checkpoint holds (all processes), to which this run's are added.
+    """
+
+    def __init__(self, stats, restored: dict | None = None):
+        self.stats = stats
+        self.restored = dict(restored or {})
+        self.by_maker: dict[int, torch.Tensor] = {}
+
+    def consume(self, batch: dict) -> None:
+        counts = batch.pop(COUNTS_KEY).cpu()
+        self.by_maker[int(counts[0])] = counts[1:]
+
+    def epoch_ended(self) -> None:
+        self.by_maker = dict(enumerate(self.stats.rows()))
+
+    def totals(self, accelerator) -> dict[str, int]:
+        """Summed over processes (every process must call it: a collective) plus the restored totals."""
+        local = sum(self.by_maker.values(), torch.zeros_like(self.stats.rows()[0]))
+        if accelerator.num_processes > 1:
+            local = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
+        counts = self.stats.counts_dict(local)
+        return {name: value + int(self.restored.get(name, 0)) for name, value in counts.items()}
 
 
 # ---------------------------------------------------------------------------------------------

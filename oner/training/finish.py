@@ -58,7 +58,7 @@ def training_summary(args, model, state, dataset, records: list[dict], global_ba
         "mixed_precision": args.mixed_precision,
         "attn_implementation": args.attn_implementation,
         "seed": args.seed,
-        "final_loss": records[-1].get("loss") if records else None,
+        "final_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None),  # not an evaluation's line
         "data_stats": data_stats,
     }
     return {k: v for k, v in summary.items() if v is not None}

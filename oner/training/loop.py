@@ -19,6 +19,7 @@ from oner.losses import clamp_logit_scale_
 
 from .args import parse_args
 from .checkpointing import save_checkpoint
+from .eval_during_training import evaluate_during_training, evaluates_at_step
 from .finish import finish_run
 from .mlm import whole_word_mask
 from .setup import RESUME_MUST_MATCH, Run, UserError, setup
@@ -50,9 +51,9 @@ def train(args) -> int:
             f"holds the last finite weights.", file=sys.stderr
         )
         return 3
-    if args.checkpointing_steps and state.step % args.checkpointing_steps != 0:
+    if args.checkpointing_steps and state.step % args.checkpointing_steps != 0 and state.step != run.start_step:
         checkpoint(run, epoch)
-    data_stats = data_stats_of_all_processes(accelerator, run.dataset.stats)
+    data_stats = run.data_counts.totals(accelerator)
     # Every process takes part in gathering the weights (FSDP shards them); the main process writes.
     weights = gathered_model_state_dict(accelerator, run.pretrainer)
     accelerator.wait_for_everyone()
@@ -79,7 +80,12 @@ def train_steps(run: Run) -> tuple[str, int]:
         epoch, skip = divmod(state.batches_seen, run.batches_per_epoch)
     mid_epoch = resume is not None and (streamed or skip > 0)
     pending: list[dict] = []
-    stop_reason, timer, eta_announced = None, None, False
+    epochs_done = bool(streamed and args.num_train_epochs and epoch >= args.num_train_epochs)
+    stop_reason, timer, eta_announced = already_finished(state, budget, epochs_done), None, False
+    if stop_reason:  # a relaunch of a finished run: its last checkpoint holds the final state
+        limit = {"steps": f"all {state.total_steps} steps", "time": "the time budget", "epochs": "all epochs"}[stop_reason]
+        accelerator.print(f"training is complete at step {state.step} ({limit} done): nothing left to train; "
+                          "the model folder is written (and evaluated) again from the last checkpoint")
     pretrainer.train()
     while stop_reason is None:
         dataset.set_epoch(epoch)
@@ -99,6 +105,7 @@ def train_steps(run: Run) -> tuple[str, int]:
             if batch is None:  # every sample of the micro-batch was damaged
                 continue
             batch = dict(batch) if not streamed else send_to_device(dict(batch), accelerator.device)
+            run.data_counts.consume(batch)
             if run.subwords is not None:
                 batch["mlm_input_ids"], batch["mlm_labels"] = whole_word_mask(
                     batch["input_ids"], batch["attention_mask"], run.subwords, run.config.mask_token_id,
@@ -149,6 +156,8 @@ def train_steps(run: Run) -> tuple[str, int]:
 
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
                 checkpoint(run, epoch)
+            if evaluates_at_step(args, state.step):
+                start += evaluate_during_training(run, state.step)  # off the training clock
             if state.total_steps and state.step >= state.total_steps:
                 stop_reason = "steps"
                 break
@@ -156,9 +165,14 @@ def train_steps(run: Run) -> tuple[str, int]:
                 stop_reason = "time"
                 break
         else:
-            if streamed and epoch_batches == 0:
+            run.data_counts.epoch_ended()
+            # A stream resumed from a checkpoint at the very end of its epoch has nothing left of it.
+            if streamed and epoch_batches == 0 and not mid_epoch:
                 raise UserError(f"{args.train_data}: an epoch of the stream gave process {accelerator.process_index} "
                                 f"no full batch of {args.per_device_batch_size} pairs ({dataset.stats.summary()})")
+            # (an epoch that a resume found empty ended in the run that wrote the checkpoint, which evaluated it)
+            if args.eval_strategy == "epoch" and epoch_batches:
+                start += evaluate_during_training(run, state.step)
             epoch, skip, mid_epoch = epoch + 1, 0, False
             if streamed and args.num_train_epochs and epoch >= args.num_train_epochs:
                 stop_reason = "epochs"
@@ -166,13 +180,14 @@ def train_steps(run: Run) -> tuple[str, int]:
     return stop_reason, epoch
 
 
-def data_stats_of_all_processes(accelerator, stats) -> dict[str, int]:
-    """The data counters (good and damaged samples by kind) summed over processes: each read its own part."""
-    local = stats.as_dict()
-    if accelerator.num_processes == 1:
-        return local
-    totals = accelerator.reduce(torch.tensor(list(local.values()), device=accelerator.device), reduction="sum")
-    return dict(zip(local, (int(v) for v in totals.tolist())))
+def already_finished(state, budget: float, epochs_done: bool) -> str | None:
+    """Why a run resumed from its last checkpoint has nothing left to train ("steps", "time", "epochs":
+    a stream's, whose final checkpoint holds the epoch after its last), else None."""
+    if state.total_steps and state.step >= state.total_steps:
+        return "steps"
+    if state.train_seconds >= budget:
+        return "time"
+    return "epochs" if epochs_done else None
 
 
 def synced_elapsed(accelerator, start: float) -> float:
@@ -219,7 +234,9 @@ def timed(loader, timing: dict, batch_size: int, keep_rng: bool = False):
         waited_from = time.monotonic()
         try:
             batch = next(iterator)
-        except StopIteration:
+        except StopIteration:  # also when a stream resumed at the end of its epoch has nothing left
+            if rng_state is not None:
+                torch.set_rng_state(rng_state)
             return
         if rng_state is not None:
             torch.set_rng_state(rng_state)
@@ -297,6 +314,7 @@ def checkpoint(run: Run, epoch: int) -> None:
         # Never reached (non-finite steps are skipped), but a NaN must never be checkpointed.
         raise RuntimeError("refusing to checkpoint non-finite weights")
     extra = {"epoch": epoch, "batches_seen": state.batches_seen, "num_processes": accelerator.num_processes,
+             "data_stats": run.data_counts.totals(accelerator),  # a collective too
              "args": {k: getattr(args, k) for k in RESUME_MUST_MATCH}}
     path = save_checkpoint(accelerator, args.output_dir, state.step, extra, args.checkpoints_total_limit,
                            process_state=run.dataloader.state_dict() if run.streamed else None)

@@ -23,7 +23,9 @@ from oner.objectives import Objective, ObjectiveConfig
 from processing_oner import build_processor
 
 from .checkpointing import TrainState, check_checkpoint, list_checkpoints, load_process_state, resolve_resume
-from .data import StreamingPairs, make_dataloader, make_stream_loader, open_train_data
+from .data import StreamingPairs, TrainedDataCounts, make_dataloader, make_stream_loader, open_train_data
+from .eval_during_training import prepare_evaluation
+from .finish import SUMMARY_FILE
 from .mlm import subword_table
 from .pretrainer import EMATarget, OneRPretrainer
 from .runtime import choose_attn_implementation, choose_mixed_precision, configure_threads, cpu_slow_paths
@@ -211,8 +213,41 @@ def planned_steps(args, batches_per_epoch: int) -> int:
     return 0
 
 
-def check_resume_compatible(args, checkpoint: Path, num_processes: int) -> dict:
-    """The checkpoint's `train_state.json`, once its settings are known to match this run's."""
+OVERWRITE_HINT = ("relaunch with the settings it was trained with, choose another --output_dir, or add "
+                  "--overwrite_output_dir to start over (its checkpoints are then deleted)")
+
+
+def choose_resume(args) -> tuple[Path | None, bool]:
+    """`(checkpoint, detected)`: the checkpoint this run continues from, or None to start fresh.
+
+    `--resume_from_checkpoint` names it; without it, the latest checkpoint in `--output_dir` is taken
+    (`detected`), as transformers' example scripts do, so relaunching the same command after a crash
+    or a pre-emption continues the run. `--overwrite_output_dir` starts over instead. A folder that
+    holds a finished run but no checkpoint (`--checkpointing_steps 0`) is refused rather than
+    silently trained again. Raises UserError, before anything is written.
+    """
+    output_dir = Path(args.output_dir)
+    if args.overwrite_output_dir:
+        return None, False
+    try:
+        if args.resume_from_checkpoint is not None:
+            return resolve_resume(args.resume_from_checkpoint, output_dir), False
+        if list_checkpoints(output_dir):
+            return resolve_resume("latest", output_dir), True
+    except (FileNotFoundError, ValueError) as e:
+        detected = "" if args.resume_from_checkpoint is not None else (
+            " (the latest checkpoint in --output_dir: resume from another with --resume_from_checkpoint PATH, "
+            "or add --overwrite_output_dir to start over)")
+        raise UserError(f"{e}{detected}") from None
+    if (output_dir / SUMMARY_FILE).is_file():
+        raise UserError(f"{output_dir} holds a finished training run and no checkpoint to continue from: add "
+                        "--overwrite_output_dir to train again from scratch and replace it, or choose another --output_dir")
+    return None, False
+
+
+def check_resume_compatible(args, checkpoint: Path, num_processes: int, detected: bool = False) -> dict:
+    """The checkpoint's `train_state.json`, once its settings are known to match this run's
+    (`detected`: found in --output_dir rather than named, which the refusal says)."""
     state = check_checkpoint(checkpoint)
     saved = state.get("args", {})
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(args, k)!r}" for k in RESUME_MUST_MATCH
@@ -221,7 +256,8 @@ def check_resume_compatible(args, checkpoint: Path, num_processes: int) -> dict:
         # Each process's part of a stream is its own: a different process count would read other shards.
         diffs.append(f"processes reading the stream: checkpoint {state.get('num_processes')}, now {num_processes}")
     if diffs:
-        raise UserError(f"cannot resume from {checkpoint}: settings differ ({'; '.join(diffs)})")
+        found = f"; it was found in --output_dir: {OVERWRITE_HINT}" if detected else ""
+        raise UserError(f"cannot resume from {checkpoint}: settings differ ({'; '.join(diffs)}){found}")
     return state
 
 
@@ -258,6 +294,8 @@ class Run:
     model_class: type  # what the final folder is built from (FSDP2 changes the prepared module's class)
     resume_epoch: int  # the epoch a resumed checkpoint was taken in (a stream's position is its own)
     global_batch: int
+    start_step: int  # the step this launch starts at (a resumed checkpoint's)
+    data_counts: TrainedDataCounts
 
 
 def setup(args) -> Run:
@@ -271,10 +309,11 @@ def setup(args) -> Run:
     try:
         dataset = open_train_data(args, seed=args.seed, image_size=config.image_size,
                                   rank=accelerator.process_index, world_size=accelerator.num_processes)
-        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
-    resumed_state = check_resume_compatible(args, resume, accelerator.num_processes) if resume is not None else {}
+    resume, detected = choose_resume(args)
+    resumed_state = (check_resume_compatible(args, resume, accelerator.num_processes, detected)
+                     if resume is not None else {})
     streamed = isinstance(dataset, StreamingPairs)
     if streamed:
         if args.num_train_epochs and not args.max_steps:
@@ -298,9 +337,8 @@ def setup(args) -> Run:
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None and list_checkpoints(output_dir):
-            print(f"{output_dir} holds checkpoints of an earlier run; this fresh run will replace them "
-                  "(use --resume_from_checkpoint latest to continue it instead)")
+        if args.overwrite_output_dir and list_checkpoints(output_dir):
+            print(f"--overwrite_output_dir: deleting the checkpoints of an earlier run in {output_dir}")
             for old in list_checkpoints(output_dir):
                 shutil.rmtree(old)
 
@@ -336,6 +374,9 @@ def setup(args) -> Run:
             dataloader.load_state_dict(load_process_state(resume, accelerator.process_index))
         # The schedule's length is this run's (a resume may extend --max_steps), not the checkpoint's.
         state.total_steps = planned_steps(args, batches_per_epoch)
+        if detected:  # transformers' example scripts' words
+            accelerator.print(f"Checkpoint detected, resuming training at {resume}. To avoid this behavior, change "
+                              "the --output_dir or add --overwrite_output_dir to train from scratch.")
         accelerator.print(f"resumed from {resume} at step {state.step} ({state.batches_seen} batches seen)")
 
     log = TrainingLog(output_dir, state.step if resume is not None else None, enabled=accelerator.is_main_process)
@@ -344,6 +385,7 @@ def setup(args) -> Run:
     if accelerator.is_main_process:
         (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2, default=sorted) + "\n")
 
+    prepare_evaluation(args, accelerator)
     global_batch = args.per_device_batch_size * args.accum_freq * accelerator.num_processes
     if args.model_name_or_path:
         accelerator.print(f"continuing from {args.source_model}: its weights and processor, a fresh optimizer and schedule")
@@ -368,4 +410,6 @@ def setup(args) -> Run:
         resume=resume, log=log, output_dir=output_dir, model_class=model_class,
         resume_epoch=resumed_state.get("epoch", 0),
         global_batch=global_batch,
+        start_step=state.step,
+        data_counts=TrainedDataCounts(dataset.stats, resumed_state.get("data_stats")),
     )
