@@ -183,14 +183,20 @@ def _pin_card(api, staged: Path, repo_id: str, token: str, oid: str | None) -> N
                     token=token, commit_message=f"Model card: pin usage to revision {oid[:12]}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from oner.flags import accept_aliases
+
     parser = argparse.ArgumentParser(prog="oner-push", description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", help="a saved OneR model folder (with its README.md card)")
     parser.add_argument("repo_id", help="the model repository, e.g. your-name/oner-tiny")
     parser.add_argument("--private", action="store_true", help="create private repositories")
     parser.add_argument("--space", dest="space_id", default=None, metavar="SPACE_ID",
                         help="also publish the space/ demo as a Gradio Space serving the model")
-    args = parser.parse_args(argv)
+    return accept_aliases(parser, {"--private": ["--hub_private_repo"]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from oner.training.finish import complete_folder, publish
 
     try:

@@ -77,8 +77,8 @@ def resolve_suites(suites: Sequence[str | Suite] | None) -> list[Suite]:
         elif s in available:
             chosen.append(available[s])
         else:
-            raise BenchmarkError(f"unknown suite {s!r}; available: {sorted(available)} (and --retrieval-data / "
-                                 "--classification-folder for user data)")
+            raise BenchmarkError(f"unknown suite {s!r}; available: {sorted(available)} (and --retrieval_data / "
+                                 "--classification_folder for user data)")
     if not chosen:
         raise BenchmarkError("no suite to run")
     return chosen

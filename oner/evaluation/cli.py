@@ -9,6 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from oner.flags import accept_aliases
+
+#: Other tools' names for flags that mean the same here (transformers' example scripts).
+ALIASES = {"--batch_size": ["--per_device_eval_batch_size"], "--max_items": ["--max_eval_samples"],
+           "--text_column": ["--caption_column"]}
+
 
 def build_parser() -> argparse.ArgumentParser:
     from . import DEFAULT_SUITES, embedded_suites
@@ -45,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     cls.add_argument("--template", action="append", default=None, metavar="TEMPLATE",
                      help="prompt template with one '{}' (repeatable), or a text file with one per line; "
                      "default: 'a photo of a {}.'")
-    return p
+    return accept_aliases(p, ALIASES)
 
 
 def _templates(values: list[str] | None) -> list[str] | None:
@@ -78,7 +84,7 @@ def suites_from_args(args: argparse.Namespace) -> list | None:
     elif args.class_names or args.template:
         from .context import BenchmarkError
 
-        raise BenchmarkError("--class-names and --template need --classification-folder")
+        raise BenchmarkError("--class_names and --template need --classification_folder")
     return suites or None
 
 
