@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from oner.flags import accept_aliases
+from oner.progress import quiet_library_bars
 
 #: Other tools' names for flags that mean the same here (transformers' example scripts).
 ALIASES = {"--batch_size": ["--per_device_eval_batch_size"], "--max_items": ["--max_eval_samples"],
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from .report import JSON_NAME
 
     args = build_parser().parse_args(argv)
+    quiet_library_bars()  # outside a terminal: plain lines only (oner.progress)
     try:
         results = run_benchmark(
             args.model_dir,
