@@ -18,12 +18,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from oner.bundled import project_path
+
 #: Files of a model folder that are NOT published: training state, logs, caches.
 IGNORE_PATTERNS = ("checkpoint*", "checkpoints/**", "runs/**", "logs/**", "*.pt", "*.bin.tmp", "optimizer*",
                    "scheduler*", "rng_state*", "__pycache__/**", "*.pyc", ".git*", ".cache/**", "*.lock")
 REQUIRED_FILES = ("config.json", "configuration_oner.py", "modeling_oner.py", "processing_oner.py",
                   "processor_config.json", "tokenizer.json")
-SPACE_DIR = Path(__file__).resolve().parent.parent / "space"
+SPACE_DIR = project_path("space")  # the project's space/, inside the package once installed
 _REVISION_LINE = re.compile(r'^(revision = )"[^"]*"', re.MULTILINE)
 _REVISION_ARG = re.compile(r'(pipeline\([^)]*revision=)"[^"]*"', re.DOTALL)
 
