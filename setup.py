@@ -1,7 +1,7 @@
 """Build hook: the model card template and the Space travel inside the installed package.
 
 `model_card.md` and `space/` live at the project root (the Space is uploaded from there, and the
-template is edited there). A wheel copies them into `oner/bundled/`, where `oner.bundled` finds
+template is edited there). A wheel copies them into `oner/_bundled/`, where `oner.bundled` finds
 them after a non-editable install; a source checkout or an editable install reads the root's
 copies. One copy in the repository, so nothing can drift. Everything else is in pyproject.toml.
 """
@@ -22,7 +22,7 @@ class BuildPyWithBundled(build_py):
         super().run()
         if getattr(self, "editable_mode", False):
             return  # an editable install reads the project root itself
-        target = Path(self.build_lib) / "oner" / "bundled"
+        target = Path(self.build_lib) / "oner" / "_bundled"
         for name in BUNDLED:
             source = ROOT / name
             if source.is_dir():

@@ -1,7 +1,7 @@
 """Project files that the package reads at run time: the model card template and the Space.
 
 They live at the project root (`model_card.md`, `space/`). A wheel carries them inside the package
-as `oner/bundled/` (setup.py's build step copies them there), so a non-editable `pip install .`
+as `oner/_bundled/` (setup.py's build step copies them there), so a non-editable `pip install .`
 can render a card and stage a Space; a source checkout or an editable install reads the root.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-BUNDLED_DIR = "bundled"
+BUNDLED_DIR = "_bundled"  # beside this module, not named like it
 NAMES = ("model_card.md", "space")
 
 

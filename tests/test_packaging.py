@@ -44,13 +44,13 @@ def test_the_wheel_carries_the_card_template_and_the_space(installed):
     names = set(zipfile.ZipFile(wheel).namelist())
     space = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "space").rglob("*")
                    if p.is_file() and "__pycache__" not in p.parts)
-    assert "oner/bundled/model_card.md" in names
-    assert {f"oner/bundled/{p}" for p in space} <= names
+    assert "oner/_bundled/model_card.md" in names
+    assert {f"oner/_bundled/{p}" for p in space} <= names
     assert {"processing_oner/vocab.txt", "modeling_oner/modeling_oner.py"} <= names
     # One copy in the repository: the wheel's are the root's, byte for byte.
     with zipfile.ZipFile(wheel) as z:
-        assert z.read("oner/bundled/model_card.md") == (REPO / "model_card.md").read_bytes()
-        assert z.read("oner/bundled/space/app.py") == (REPO / "space" / "app.py").read_bytes()
+        assert z.read("oner/_bundled/model_card.md") == (REPO / "model_card.md").read_bytes()
+        assert z.read("oner/_bundled/space/app.py") == (REPO / "space" / "app.py").read_bytes()
 
 
 SCRIPT = """
