@@ -114,3 +114,12 @@ def test_aliases_that_clash_or_name_no_flag_are_refused():
         accept_aliases(p, {"--output_dir": ["--out"]})
     with pytest.raises(ValueError, match="unknown flags"):
         accept_aliases(argparse.ArgumentParser(), {"--nothing": ["--x"]})
+
+
+def test_docs_list_every_alias():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    for names in ALIASES.values():
+        for name in names:
+            assert f"`{name}`" in text or f"`--{name[2:].replace('_', '-')}`" in text, name

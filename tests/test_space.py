@@ -498,7 +498,7 @@ def test_load_20_concurrent_clients_identical_and_mixed_three_times(served, tmp_
             galleries = result if api_name == "/multimodal_search" else (result,)
             assert all(len(g) == oner_demo.TOP_K and all(Path(i["image"]).is_file() for i in g) for g in galleries)
 
-    def session(index: int) -> list[float]:
+    def one_client(index: int) -> list[float]:
         # Each client downloads into a folder of its own, as separate browsers do.
         client = Client(served, verbose=False, download_files=str(tmp_path / f"client-{index}"))
         plan = identical if index < 10 else [requests[(index + k) % len(requests)] for k in range(5)]
@@ -518,7 +518,7 @@ def test_load_20_concurrent_clients_identical_and_mixed_three_times(served, tmp_
         for round_ in range(3):
             start = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(max_workers=20) as pool:
-                latencies = [t for per_client in pool.map(session, range(20)) for t in per_client]
+                latencies = [t for per_client in pool.map(one_client, range(20)) for t in per_client]
             wall = time.perf_counter() - start
             p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
             print(f"\nload round {round_ + 1}: {len(latencies)} requests from 20 clients in {wall:.1f} s; latency p50 "
