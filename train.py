@@ -11,7 +11,7 @@ The recipe, step by step (`oner.training.setup` builds the run, `oner.training.l
 1. flags and `--config` -> `parse_args`; every input is validated before anything is written;
 2. model: `OneRModel` of `--preset` (or transformers' `CLIPModel` behind `oner.baseline.CLIPAsOneR`,
    `--architecture clip`) wrapped in `oner.training.pretrainer.OneRPretrainer`, which adds only
-   training-side parts (MLM head, SigLIP bias);
+   the training-side MLM head (the sigmoid loss's bias is the model's own `logit_bias`, saved with it);
 3. data: `oner.data.load_image_text_dataset(--train_data)` with per-sample seeded augmentation and
    the damage-counting collator;
 4. objective: `oner.objectives` (ITC, XMC, CIC, CMC, MLM; softmax or sigmoid; optional EMA target),

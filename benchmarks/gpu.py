@@ -4,7 +4,7 @@
 the bf16 matmul peak measured in the same run, OneR (ITC and the full objective) vs
 transformers' CLIPModel with each tower of the same shape.
 
-    python benchmarks/gpu.py                          # on a lent GPU: writes gpu.json / gpu.md
+    python benchmarks/gpu.py                          # on a GPU machine: writes gpu.json / gpu.md
     python benchmarks/gpu.py --quick --device cpu     # seconds, a 32-wide model: the test
 
 Same measurement code as benchmarks/speed.py (alternating models, medians, FlopCounterMode).

@@ -15,7 +15,7 @@ under `nohup`). The summary (`<grid>.json`, `<grid>.md`, `<grid>.png`) is rebuil
     python benchmarks/quality.py --grid recipe --budget-minutes 5 --seeds 0
     python benchmarks/quality.py --grid ablation --report-only            # rebuild the tables
     touch benchmarks/results/quality.pause                                # pause before the next run starts
-    python benchmarks/quality.py --quick --out /tmp/q                     # seconds: the test
+    python benchmarks/quality.py --quick --out outputs/quality-quick      # seconds: the test
 """
 
 from __future__ import annotations
@@ -309,7 +309,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run (default: cores / jobs)")
     p.add_argument("--eval-max-items", type=int, default=None, help="train.py --eval_max_items (per suite); default: all")
     p.add_argument("--data-home", default=None, help="ONER_DATA_HOME for the runs (default: the usual root)")
-    p.add_argument("--workdir", default="/tmp/oner-quality-runs", help="run folders (models, logs)")
+    p.add_argument("--workdir", default=None,
+                   help="run folders (models, logs); default: outputs/quality-runs in the project (--quick: OUT/runs)")
     p.add_argument("--out", default=None, help="where <grid>_runs.jsonl / .json / .md / .png go (default benchmarks/results)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the summary from the JSON lines")
     p.add_argument("--quick", action="store_true", help="2 rows, 1 seed, a 32-wide model, seconds of training (the test)")
@@ -326,8 +327,8 @@ def main(argv=None) -> int:
                                 max_train_samples=32, logging_steps=1)
         args.eval_max_items = 8
         args.jobs = 1
-        if args.workdir == "/tmp/oner-quality-runs":
-            args.workdir = str(out / "runs")
+        args.workdir = args.workdir or str(out / "runs")
+    args.workdir = args.workdir or str(ROOT / "outputs" / "quality-runs")
     args.threads = args.threads or max((os.cpu_count() or 2) // args.jobs, 1)
     names = args.configs or list(args.rows)
     for n in names:

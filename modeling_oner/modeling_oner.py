@@ -342,8 +342,9 @@ class OneRModel(OneRPreTrainedModel):
 
     `forward` mirrors `CLIPModel.forward` (images and texts encoded separately, then scored), so
     code written for CLIP and the zero-shot-image-classification pipeline work unchanged.
-    The `get_*_features` methods return tensors of shape `(batch, projection_dim)` (not normalised),
-    as `CLIPModel` did in transformers 4.x.
+    The `get_*_features` methods return what the installed transformers' `CLIPModel` returns: on
+    transformers 5 a `BaseModelOutputWithPooling` whose `pooler_output` is the `(batch, projection_dim)`
+    embedding (not normalised), on 4.x that tensor itself (`FEATURES_AS_OUTPUT`).
     """
 
     def __init__(self, config: OneRConfig):

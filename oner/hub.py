@@ -18,12 +18,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from oner.bundled import project_path
+
 #: Files of a model folder that are NOT published: training state, logs, caches.
 IGNORE_PATTERNS = ("checkpoint*", "checkpoints/**", "runs/**", "logs/**", "*.pt", "*.bin.tmp", "optimizer*",
                    "scheduler*", "rng_state*", "__pycache__/**", "*.pyc", ".git*", ".cache/**", "*.lock")
 REQUIRED_FILES = ("config.json", "configuration_oner.py", "modeling_oner.py", "processing_oner.py",
                   "processor_config.json", "tokenizer.json")
-SPACE_DIR = Path(__file__).resolve().parent.parent / "space"
+SPACE_DIR = project_path("space")  # the project's space/, inside the package once installed
 _REVISION_LINE = re.compile(r'^(revision = )"[^"]*"', re.MULTILINE)
 _REVISION_ARG = re.compile(r'(pipeline\([^)]*revision=)"[^"]*"', re.DOTALL)
 
@@ -183,14 +185,20 @@ def _pin_card(api, staged: Path, repo_id: str, token: str, oid: str | None) -> N
                     token=token, commit_message=f"Model card: pin usage to revision {oid[:12]}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from oner.flags import accept_aliases
+
     parser = argparse.ArgumentParser(prog="oner-push", description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", help="a saved OneR model folder (with its README.md card)")
     parser.add_argument("repo_id", help="the model repository, e.g. your-name/oner-tiny")
     parser.add_argument("--private", action="store_true", help="create private repositories")
     parser.add_argument("--space", dest="space_id", default=None, metavar="SPACE_ID",
                         help="also publish the space/ demo as a Gradio Space serving the model")
-    args = parser.parse_args(argv)
+    return accept_aliases(parser, {"--private": ["--hub_private_repo"]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from oner.training.finish import complete_folder, publish
 
     try:

@@ -5,33 +5,34 @@ import sys
 
 from modeling_oner import ONER_PRESETS, OneRConfig
 
+from .flags import accept_aliases
 from .model_folder import init_model_folder
 
 # Flags that override preset fields: (flag, config field, type).
 OVERRIDES = [
-    ("--image-size", "image_size", int),
-    ("--patch-size", "patch_size", int),
-    ("--hidden-size", "hidden_size", int),
-    ("--num-hidden-layers", "num_hidden_layers", int),
-    ("--num-attention-heads", "num_attention_heads", int),
-    ("--intermediate-size", "intermediate_size", int),
-    ("--projection-dim", "projection_dim", int),
-    ("--max-position-embeddings", "max_position_embeddings", int),
-    ("--projection-head", "projection_head", str),
+    ("--image_size", "image_size", int),
+    ("--patch_size", "patch_size", int),
+    ("--hidden_size", "hidden_size", int),
+    ("--num_hidden_layers", "num_hidden_layers", int),
+    ("--num_attention_heads", "num_attention_heads", int),
+    ("--intermediate_size", "intermediate_size", int),
+    ("--projection_dim", "projection_dim", int),
+    ("--max_position_embeddings", "max_position_embeddings", int),
+    ("--projection_head", "projection_head", str),
 ]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="oner-init", description=__doc__)
     parser.add_argument("--preset", default="tiny", choices=sorted(ONER_PRESETS))
-    parser.add_argument("--output-dir", required=True, help="folder to write (created if missing)")
+    parser.add_argument("--output_dir", required=True, help="folder to write (created if missing)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--no-modality-embeddings", action="store_true", help="turn off the image/text type embedding"
+        "--no_modality_embeddings", action="store_true", help="turn off the image/text type embedding"
     )
     for flag, field, kind in OVERRIDES:
         parser.add_argument(flag, dest=field, type=kind, default=None, help=f"override the preset's {field}")
-    return parser.parse_args(argv)
+    return accept_aliases(parser).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

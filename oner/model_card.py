@@ -36,8 +36,10 @@ packages:
 
 
 def template_path() -> Path:
-    """`model_card.md` at the project root (next to the `oner` package)."""
-    path = Path(__file__).resolve().parent.parent / TEMPLATE_NAME
+    """`model_card.md`: the project root's, or the installed package's copy (oner.bundled)."""
+    from oner.bundled import project_path
+
+    path = project_path(TEMPLATE_NAME)
     if not path.is_file():
         raise FileNotFoundError(f"model card template not found at {path}")
     return path

@@ -105,6 +105,19 @@ def _is_image(value: Any) -> bool:
     return all(isinstance(item, (Image.Image, np.ndarray, torch.Tensor)) for item in items)
 
 
+def _as_lists(data: dict[str, Any], single_text: bool) -> dict[str, Any]:
+    """`return_tensors=None`, as CLIPProcessor answers it: `pixel_values` a list of `(3, S, S)` float32
+    arrays, `input_ids` / `attention_mask` lists of int lists (one flat list for a single string)."""
+    out = {}
+    for key, value in data.items():
+        value = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if key == "pixel_values":
+            out[key] = list(value.astype(np.float32))
+        else:
+            out[key] = value[0].tolist() if single_text else value.tolist()
+    return out
+
+
 class OneRProcessorKwargs(ProcessingKwargs, total=False):
     # Defaults of `OneRProcessor.__call__`, routed by transformers' `ProcessorMixin._merge_kwargs`
     # (`_defaults` is read by transformers 4.57 and, for backward compatibility, by 5.x).
@@ -137,7 +150,8 @@ class OneRProcessor(ProcessorMixin):
     go to the tokenizer, image-processor options (`do_center_crop`, `size`, ...) to the image
     processor, and `text_kwargs={...}` / `images_kwargs={...}` address one of them explicitly. A
     keyword neither knows is named in transformers' warning "Keyword argument `x` is not a valid
-    argument for this processor and will be ignored". `return_tensors` is "pt" (default) or "np".
+    argument for this processor and will be ignored". `return_tensors` is "pt" (default), "np" or
+    None (python lists, as `CLIPProcessor` returns them).
 
     The processor does not describe the token stream. The one sequence the shared transformer sees
     (`[CLS] + patches` for an image, `[CLS] + words` for a text, `[CLS] + patches + words` for a
@@ -176,7 +190,7 @@ class OneRProcessor(ProcessorMixin):
                 them, or a 4-D batch.
             text: a string or a list of strings.
             kwargs: tokenizer and image-processor options, `text_kwargs` / `images_kwargs` dicts,
-                and `return_tensors` ("pt" or "np").
+                and `return_tensors` ("pt", "np", or None for python lists).
         """
         for name in ("videos", "audio"):
             if kwargs.get(name) is not None:
@@ -200,14 +214,17 @@ class OneRProcessor(ProcessorMixin):
         )
         text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
         return_tensors = text_kwargs.get("return_tensors", "pt")
-        if return_tensors not in ("pt", "np"):
-            raise ValueError(f"OneRProcessor returns 'pt' or 'np' tensors, got return_tensors={return_tensors!r}")
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f"OneRProcessor returns 'pt' or 'np' tensors or python lists (None), got "
+                             f"return_tensors={return_tensors!r}")
 
         data: dict[str, Any] = {}
         if images is not None:
             data["pixel_values"] = self.preprocess_images(images, **images_kwargs)
         if text is not None:
             data.update(self.tokenize(text, **text_kwargs))
+        if return_tensors is None:
+            data = _as_lists(data, single_text=isinstance(text, str))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def preprocess_images(self, images: Any, **images_kwargs):

@@ -19,8 +19,9 @@ fi
 if [[ ! -x .venv/bin/python ]]; then
     python3 -m venv .venv
 fi
-# torch FIRST and pinned: 2.13.0 resolves to the CPU wheel here; a bare "torch" (or anything that
-# pulls torchvision) resolves to a multi-GB CUDA build.
+# torch FIRST and pinned, from the index pip is configured with: where that serves a CPU wheel (as on
+# the machines this project is tested on), the CPU build; from PyPI on Linux, the CUDA build. An
+# already installed 2.13.0 (e.g. 2.13.0+cpu from PyTorch's CPU index, see README) is kept.
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/pip install -q --disable-pip-version-check -e ".[${extras}]"
 if [[ "$extras" == "test" ]]; then

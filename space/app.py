@@ -16,6 +16,7 @@ import argparse
 import functools
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -120,7 +121,25 @@ def localization_tab() -> None:
         ],
         inputs=[image, phrase],
     )
-    button.click(user_errors(oner_demo.localize), [image, phrase], [heatmap, summary], api_name="localize")
+    button.click(user_errors(functools.partial(localize_to_file, heatmap.GRADIO_CACHE)), [image, phrase],
+                 [heatmap, summary], api_name="localize")
+
+
+def localize_to_file(cache_dir: str, image, phrase: str) -> tuple[str, str]:
+    """`oner_demo.localize`, its heatmap written to a file of its own in Gradio's cache.
+
+    Handed a PIL image, Gradio writes it to a path named by the picture's hash, truncating and
+    rewriting that file on every request (`gradio.processing_utils.save_pil_to_cache`): identical
+    requests at once then rewrite a heatmap while it is being sent, and the response ends short of
+    its declared Content-Length. A unique file, whole before it is returned, is served as it is.
+    """
+    picture, summary = oner_demo.localize(image, phrase)
+    folder = Path(cache_dir) / "oner-heatmaps"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(suffix=".png", dir=folder)
+    with os.fdopen(fd, "wb") as file:
+        picture.save(file, format="PNG")
+    return path, summary
 
 
 def gallery_output(label: str) -> gr.Gallery:
@@ -171,7 +190,8 @@ def multimodal_tab() -> None:
 
 def build_demo(model_name: str) -> gr.Blocks:
     """The Blocks app for the model already activated in `oner_demo` (named `model_name` on the page)."""
-    with gr.Blocks(title="OneR demo") as demo:
+    # Result files (the heatmaps) are deleted an hour after they were made, checked every 10 minutes.
+    with gr.Blocks(title="OneR demo", delete_cache=(600, 3600)) as demo:
         gr.Markdown(INTRO.format(model=model_name))
         with gr.Tab("Zero-shot classification"):
             classification_tab()

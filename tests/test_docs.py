@@ -82,3 +82,41 @@ def test_readme_python_api_example_runs(tiny_model_dir, tmp_path, monkeypatch):
     assert scope["probs"].shape == (2, 2)
     assert scope["joint"].shape == scope["texts"].shape == (2, config.projection_dim)
     assert scope["patches"].shape == (2, config.num_patches, config.projection_dim)
+
+
+# What the docs must not say: how the project was made (who worked on it, in which sitting, for
+# which ticket) instead of what it is. Name commits and dates instead.
+PROVENANCE_WORDS = re.compile(r"\bsessions?\b|\bthe issue\b|\bissue \d+|\bthe lead\b|\b(?:other|another) helper"
+                              r"|\bhelper's\b|\blent\b|\bno GPU was\b", re.IGNORECASE)
+# Docs in the wide sense: what a user reads, runs or copies (recorded result data is not prose).
+DOC_PLACES = ("README.md", "model_card.md", "docs", "configs", "benchmarks", "space")
+RECORDED_DATA = {".json", ".jsonl"}
+# A /tmp/ path may appear only as an example in a command line (something a reader runs), never as
+# a default or a statement about one machine.
+COMMAND_WORDS = ("python", "oner-", "train.py", "accelerate", "pytest", "ONER_", "gradio")
+
+
+def doc_files():
+    for relative in repository_text_files():
+        if relative.parts[0] in DOC_PLACES and relative.suffix not in RECORDED_DATA:
+            yield relative
+
+
+def test_docs_speak_of_the_project_not_of_how_it_was_made():
+    offenders = []
+    for relative in doc_files():
+        for number, line in enumerate((ROOT / relative).read_text(encoding="utf-8").splitlines(), 1):
+            if PROVENANCE_WORDS.search(line):
+                offenders.append(f"{relative}:{number}: {PROVENANCE_WORDS.search(line).group(0)!r}")
+            if "/tmp/" in line and not any(word in line for word in COMMAND_WORDS):
+                offenders.append(f"{relative}:{number}: /tmp/ outside an example command")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_file_names_speak_of_the_project():
+    names = []
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = [d for d in subfolders if d not in SKIPPED_DIRS and not d.startswith(".venv")]
+        names += [(Path(folder) / name).relative_to(ROOT) for name in [*subfolders, *files]]
+    offenders = [str(p) for p in names if re.search(r"session|issue|lead|helper", p.name, re.IGNORECASE)]
+    assert not offenders, offenders

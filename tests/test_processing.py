@@ -194,7 +194,7 @@ def test_numpy_and_torch_outputs(tiny_processor):
         (dict(text=["ok", 3]), TypeError, "text 1 is a int"),
         (dict(text=7), TypeError, "string or a list of strings"),
         (dict(text=["fine", "   "]), ValueError, r"positions \[1\] are empty"),
-        (dict(text="x", return_tensors="tf"), ValueError, "'pt' or 'np' tensors, got return_tensors='tf'"),
+        (dict(text="x", return_tensors="tf"), ValueError, "got return_tensors='tf'"),
     ],
 )
 def test_bad_text_gets_clear_errors(tiny_processor, kwargs, error, message):
@@ -239,3 +239,42 @@ def test_fast_paths_equal_the_general_pipeline(tiny_processor):
     # and the tokenizer's own settings are left usable for a direct call afterwards
     direct = tiny_processor.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     assert torch.equal(direct["input_ids"], general["input_ids"])
+
+
+def _structure(value):
+    """Container types down to the leaves: what a caller indexing the output relies on."""
+    if isinstance(value, list):
+        return ["list", _structure(value[0])]
+    if isinstance(value, np.ndarray):
+        return ("ndarray", str(value.dtype), value.ndim)
+    return type(value).__name__
+
+
+def _tiny_clip_processor(tmp_path):
+    """A CLIPProcessor from a four-token BPE vocabulary and an 8 px image processor (nothing downloaded)."""
+    import json
+
+    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizerFast
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "c</w>": 3}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizerFast(vocab_file=str(tmp_path / "vocab.json"), merges_file=str(tmp_path / "merges.txt"))
+    images = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+    return CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("call", ["texts", "text", "images", "image_and_text"])
+def test_return_tensors_none_gives_lists_as_clip_processor_does(tiny_processor, tmp_path, call):
+    clip = _tiny_clip_processor(tmp_path)
+    image = Image.new("RGB", (10, 12), (200, 30, 40))
+    kwargs = {"texts": dict(text=["a c", "c a a"]), "text": dict(text="a c"), "images": dict(images=[image, image]),
+              "image_and_text": dict(images=image, text="a c")}[call]
+    ours, theirs = tiny_processor(**kwargs, return_tensors=None), clip(**kwargs, return_tensors=None, padding=True)
+    assert set(ours) == set(theirs)
+    assert {k: _structure(v) for k, v in ours.items()} == {k: _structure(v) for k, v in theirs.items()}
+    # The same numbers as the tensors, in lists.
+    tensors = tiny_processor(**kwargs)
+    for key, value in ours.items():
+        expected = tensors[key][0] if key != "pixel_values" and isinstance(kwargs.get("text"), str) else tensors[key]
+        np.testing.assert_allclose(np.asarray(value), expected.numpy(), atol=1e-6)

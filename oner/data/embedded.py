@@ -127,21 +127,26 @@ def _looks_like_ours(root: Path) -> bool:
 
 def _build_into(out: Path, *, seed: int, progress: bool, limit: int | None) -> None:
     """Write all three splits and, LAST, the manifest into ``out``."""
-    from tqdm.auto import tqdm
+    from oner.progress import progress as progress_bar
 
     concepts = load_concepts(include_skin_tones=True)
     if limit is not None:
         concepts = concepts[: max(int(limit), 0)]
     total = 2 * len(concepts) + _n_composites(concepts)
-    bar = tqdm(total=total, desc="building the OneR embedded data set", unit="img", disable=not progress)
+    # Outside a terminal: one line per split written.
+    bar = progress_bar(total=total, desc="building the OneR embedded data set", unit="img", disable=not progress,
+                       every_item=False)
     counts: dict[str, int] = {}
     with bar:
         counts["twemoji"] = _write_split(out / "twemoji", _twemoji_rows(concepts), bar)
+        bar.set_postfix_str(f"twemoji: {counts['twemoji']} images")
         openmoji_rows = _openmoji_rows(concepts)
         counts["openmoji"] = _write_split(out / "openmoji", openmoji_rows, bar)
         skipped_openmoji = len(concepts) - counts["openmoji"]
         bar.update(skipped_openmoji)
+        bar.set_postfix_str(f"openmoji: {counts['openmoji']} images")
         counts["composites"] = _write_split(out / "composites", _composite_rows(concepts, seed), bar)
+        bar.set_postfix_str(f"composites: {counts['composites']} images")
     manifest = {
         "name": "oner-embedded",
         "version": EMBEDDED_VERSION,

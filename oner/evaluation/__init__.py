@@ -82,8 +82,8 @@ def resolve_suites(suites: Sequence[str | Suite] | None) -> list[Suite]:
         elif s in available:
             chosen.append(available[s])
         else:
-            raise BenchmarkError(f"unknown suite {s!r}; available: {sorted(available)} (and --retrieval-data / "
-                                 "--classification-folder for user data)")
+            raise BenchmarkError(f"unknown suite {s!r}; available: {sorted(available)} (and --retrieval_data / "
+                                 "--classification_folder for user data)")
     if not chosen:
         raise BenchmarkError("no suite to run")
     return chosen
@@ -130,7 +130,7 @@ def run_benchmark(
             built there (None: `oner.data.default_root()`).
         output_dir: where `eval_results.json`, `eval_results.md` and `heatmaps/` go (default `model_dir`).
         batch_size: images/texts per forward pass.
-        progress: tqdm progress bars.
+        progress: progress bars in a terminal, one plain line per suite otherwise (oner.progress).
         max_items: at most this many items (images, composites or queries) per suite, a fixed-seed subset.
 
     Returns:
@@ -174,14 +174,18 @@ def evaluate(
     ctx = EvalContext(model, processor, batch_size=batch_size, progress=progress, max_items=max_items,
                       data_root=root, output_dir=Path(output_dir) if output_dir is not None else None)
 
-    from tqdm.auto import tqdm
+    from oner.progress import progress as progress_bar
 
     results: dict = {}
     suite_times = {}
-    for suite in tqdm(chosen, desc="oner-eval", unit="suite", disable=not progress):
+    bar = progress_bar(total=len(chosen), desc="oner-eval", unit="suites", disable=not progress, every_item=False)
+    for suite in chosen:
         t = time.time()
         results[suite.name] = suite.run(ctx)
         suite_times[suite.name] = round(time.time() - t, 2)
+        bar.update(1)
+        bar.set_postfix_str(f"{suite.name} ({suite_times[suite.name]} s)")  # outside a terminal: one line
+    bar.close()
     results["_meta"] = _metadata(model_name, model, root, chosen, ctx, start, suite_times, max_items)
     return results
 

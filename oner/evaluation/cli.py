@@ -13,6 +13,13 @@ import argparse
 import os
 import sys
 
+from oner.flags import accept_aliases
+from oner.progress import quiet_library_bars
+
+#: Other tools' names for flags that mean the same here (transformers' example scripts).
+ALIASES = {"--batch_size": ["--per_device_eval_batch_size"], "--max_items": ["--max_eval_samples"],
+           "--text_column": ["--caption_column"]}
+
 
 def build_parser() -> argparse.ArgumentParser:
     from . import DEFAULT_SUITES, embedded_suites
@@ -50,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompt template with one '{}' (repeatable), or a text file with one per line; "
                      "default: 'a photo of a {}.'")
     _add_standard_arguments(p)
-    return p
+    return accept_aliases(p, ALIASES)
 
 
 def _add_standard_arguments(p: argparse.ArgumentParser) -> None:
@@ -143,7 +150,7 @@ def suites_from_args(args: argparse.Namespace) -> list | None:
     elif args.class_names or args.template:
         from .context import BenchmarkError
 
-        raise BenchmarkError("--class-names and --template need --classification-folder")
+        raise BenchmarkError("--class_names and --template need --classification_folder")
     return suites or None
 
 
@@ -153,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     from .report import JSON_NAME
 
     args = build_parser().parse_args(argv)
+    quiet_library_bars()  # outside a terminal: plain lines only (oner.progress)
     if args.dataset:
         try:
             return run_standard_from_args(args)

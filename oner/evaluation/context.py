@@ -111,12 +111,13 @@ class EvalContext:
     # ------------------------------------------------------------------ batching
     def _batched(self, n: int, desc: str, fn: Callable[[slice], torch.Tensor]) -> torch.Tensor:
         """Run `fn` on consecutive slices of `range(n)` with a progress bar; concatenate on the CPU."""
-        from tqdm.auto import tqdm
+        from oner.progress import progress
 
         out = []
         with torch.inference_mode():
-            for start in tqdm(range(0, n, self.batch_size), desc=desc, unit="batch", disable=not self.progress,
-                              leave=False):
+            # Outside a terminal the suite's own line reports: no line per batch.
+            for start in progress(range(0, n, self.batch_size), desc=desc, unit="batch", disable=not self.progress,
+                                  lines=False, leave=False):
                 out.append(fn(slice(start, min(start + self.batch_size, n))).float().cpu())
         return torch.cat(out) if out else torch.empty(0)
 

@@ -22,7 +22,7 @@ def ensure_embedded(data_root: str | Path | None, progress: bool = True) -> Path
     if read_manifest(root) is not None:
         return root
     if root.exists() and root.is_dir() and any(root.iterdir()) and not (root / "twemoji").is_dir():
-        raise BenchmarkError(f"{root} is not an embedded data set build (no manifest.json); choose another --data-root")
+        raise BenchmarkError(f"{root} is not an embedded data set build (no manifest.json); choose another --data_root")
     return build_embedded_dataset(root=root, progress=progress)
 
 

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from oner.flags import accept_aliases, dests_by_name
 from oner.objectives import DEFAULT_OBJECTIVE, parse_objective
 
 ARCHITECTURES = ("oner", "clip")
@@ -23,6 +24,34 @@ MIXED_PRECISION = ("no", "fp32", "bf16", "fp16")
 # 2 cores without it (docs/training.md).
 DEFAULT_MAX_STEPS = 2600
 EVAL_STRATEGIES = ("no", "steps", "epoch")
+#: Other tools' names for flags that mean the same here (transformers' TrainingArguments and example
+#: scripts; open_clip's training flags, whose hyphens `accept_aliases` accepts). Not aliased, as they
+#: mean something else: open_clip's --precision (amp/pure bf16, not autocast only), --lr-scheduler
+#: (other choices), --save-frequency (epochs), --logs, transformers' --bf16/--fp16 (booleans; use
+#: --mixed_precision bf16|fp16). docs/training.md lists them all.
+ALIASES = {
+    "--per_device_batch_size": ["--per_device_train_batch_size", "--batch_size"],
+    # The same optimizer steps and effective batch as transformers' accumulation, with the whole
+    # accumulated batch's loss (negatives from every micro-batch), as open_clip's --accum-freq.
+    "--accum_freq": ["--gradient_accumulation_steps"],
+    "--checkpoints_total_limit": ["--save_total_limit"],
+    "--checkpointing_steps": ["--save_steps"],
+    "--text_column": ["--caption_column", "--csv_caption_key"],
+    "--image_column": ["--csv_img_key"],
+    "--train_data": ["--dataset_name", "--train_file"],
+    "--hub_private": ["--hub_private_repo"],
+    "--learning_rate": ["--lr"],
+    "--num_train_epochs": ["--epochs"],
+    "--warmup_steps": ["--warmup"],
+    "--weight_decay": ["--wd"],
+    "--adam_beta1": ["--beta1"],
+    "--adam_beta2": ["--beta2"],
+    "--adam_epsilon": ["--eps"],
+    "--max_grad_norm": ["--grad_clip_norm"],
+    "--gradient_checkpointing": ["--grad_checkpointing"],
+    "--dataloader_num_workers": ["--workers"],
+    "--resume_from_checkpoint": ["--resume"],
+}
 
 
 def _bool(value: str) -> bool:
@@ -118,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "sets the schedule, decaying the learning rate on time")
     g.add_argument("--per_device_batch_size", type=int, default=128, help="pairs per micro-batch per process")
     g.add_argument("--accum_freq", type=int, default=1,
-                   help="micro-batches per step, with feature caching: negatives from ALL micro-batches (GradCache)")
+                   help="micro-batches per step, with feature caching: negatives from ALL micro-batches (GradCache). As "
+                   "--gradient_accumulation_steps: the same steps and effective batch, and the loss of the whole "
+                   "accumulated batch rather than a sum of per-micro-batch losses")
     g.add_argument("--learning_rate", type=float, default=1e-3)
     g.add_argument("--weight_decay", type=float, default=0.1)
     g.add_argument("--adam_beta1", type=float, default=0.9)
@@ -165,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--push_to_hub", False, "upload the final folder with oner.hub.push_folder")
     g.add_argument("--hub_model_id", default=None, help="owner/name on the Hub (needed with --push_to_hub)")
     _flag(g, "--hub_private", False, "create the Hub repository as private")
-    return p
+    return accept_aliases(p, ALIASES)
 
 
 def _load_config_file(path: str) -> dict:
@@ -201,11 +232,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     values = {}
     if first.config:
         values = _load_config_file(first.config)
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(k.replace("-", "_") for k in values) - known - {"config"})
+        dests = dests_by_name(parser)  # a key may be any spelling or alias of a flag
+        unknown = sorted(k for k in values if k.replace("-", "_") not in dests)
         if unknown:
             parser.error(f"--config {first.config}: unknown keys {unknown}")
-        defaults = {k.replace("-", "_"): v for k, v in values.items() if k != "config"}
+        defaults = {dests[k.replace("-", "_")]: v for k, v in values.items() if dests[k.replace("-", "_")] != "config"}
         # Values from the file go through the same type checks as flags.
         for action in parser._actions:
             if action.dest in defaults and action.type is not None and defaults[action.dest] is not None:
@@ -231,7 +262,8 @@ def _explicit_flags(argv: list[str], config_values: dict) -> list[str]:
     for action in probe._actions:
         action.default = argparse.SUPPRESS  # absent flags then leave no attribute
     given, _ = probe.parse_known_args(argv)
-    return sorted((set(vars(given)) | {k.replace("-", "_") for k in config_values}) - {"config"})
+    dests = dests_by_name(probe)
+    return sorted((set(vars(given)) | {dests[k.replace("-", "_")] for k in config_values}) - {"config"})
 
 
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

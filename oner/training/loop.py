@@ -13,9 +13,9 @@ import time
 
 import torch
 from accelerate.utils import broadcast, send_to_device
-from tqdm.auto import tqdm
 
 from oner.losses import clamp_logit_scale_
+from oner.progress import progress, quiet_library_bars
 
 from .args import parse_args
 from .checkpointing import save_checkpoint
@@ -31,6 +31,7 @@ from .tracking import format_eta
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `train.py`; returns the process exit status."""
     args = parse_args(argv)
+    quiet_library_bars()  # outside a terminal: plain lines only (oner.progress)
     try:
         return train(args)
     except UserError as e:
@@ -70,8 +71,8 @@ def train_steps(run: Run) -> tuple[str, int]:
     args, accelerator, state, dataset, dataloader = run.args, run.accelerator, run.state, run.dataset, run.dataloader
     streamed, pretrainer, resume = run.streamed, run.pretrainer, run.resume
     budget = args.max_train_minutes * 60 if args.max_train_minutes else float("inf")
-    bar = tqdm(total=state.total_steps or None, initial=state.step, disable=not accelerator.is_main_process,
-               desc="training", dynamic_ncols=True)
+    bar = progress(total=state.total_steps or None, initial=state.step, disable=not accelerator.is_main_process,
+                   desc="training", unit="steps", every_item=False, dynamic_ncols=True)
     start, start_seconds, start_step = time.monotonic(), state.train_seconds, state.step
     data_timing = {"seconds": 0.0, "pairs": 0}
     if streamed:  # the stream's own state holds its position; the epoch is in the checkpoint
@@ -143,16 +144,16 @@ def train_steps(run: Run) -> tuple[str, int]:
             if state.step == start_step + 1:
                 timer = elapsed  # the first step pays one-off costs: time from its end
 
+            bar.update(1)
             if state.step % args.logging_steps == 0 or state.step == state.total_steps:
                 record = log_step(run, loss, parts, grad_norm, elapsed, start_step, timer, data_timing, budget)
                 bar.set_postfix_str(f"loss {record['loss']:.3f}, {record['pairs_per_s']:.0f} pairs/s, "
-                                    f"ETA {format_eta(record['eta_s'])}")
+                                    f"ETA {format_eta(record['eta_s'])}")  # outside a terminal: one line
                 if state.total_steps and not eta_announced and state.step - start_step > 20:
                     eta_announced = True  # once, when the speed is known: a fixed step count's time differs per CPU
                     accelerator.print(f"estimated: {state.total_steps} steps take about "
                                       f"{format_eta(state.train_seconds + record['eta_s'])} on this machine "
                                       f"({record['pairs_per_s']:.0f} pairs/s), {format_eta(record['eta_s'])} from now")
-            bar.update(1)
 
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
                 checkpoint(run, epoch)

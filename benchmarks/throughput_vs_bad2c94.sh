@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's main command of session 1 (commit bad2c94: old `tiny` = today's `small`, ITC, fp32, 1 thread,
+# The README's main command at commit bad2c94 (old `tiny` = today's `small`, ITC, fp32, 1 thread,
 # 1 loader worker) against today's loop on the same model, objective and batch; 1.25 minutes each, no
 # evaluation. Prints each run's last logged pairs/s. Run it on an otherwise idle machine (docs/benchmarks.md).
 set -euo pipefail
