@@ -243,7 +243,7 @@ def run_standard(model_dir: str | Path, datasets: Sequence[str], dataset_root: s
     process) and return the records. See `oner.evaluation.records` for the record and output names."""
     from accelerate import PartialState
 
-    from oner.training.setup import _has_accelerator_device
+    from oner.training.runtime import has_accelerator_device
 
     from . import records
     from .context import load_model_and_processor
@@ -260,7 +260,7 @@ def run_standard(model_dir: str | Path, datasets: Sequence[str], dataset_root: s
     sets = [open_standard_set(d, dataset_root, split, task=task, image_root=image_root, language=language,
                               class_names=class_names, templates=templates) for d in datasets]
     # Without an accelerator, `accelerate launch` processes form a group only when told to run on the CPU.
-    state = PartialState(cpu=not _has_accelerator_device())
+    state = PartialState(cpu=not has_accelerator_device())
     model, processor = load_model_and_processor(model_dir, device=state.device)
     ctx = EvalContext(model, processor, batch_size=batch_size, progress=progress and state.is_local_main_process,
                       max_items=max_items)

@@ -86,6 +86,13 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def has_accelerator_device() -> bool:
+    """A GPU or another accelerator torch can use (CUDA, XPU, MPS, ...); False on a CPU-only machine."""
+    if hasattr(torch, "accelerator"):  # torch >= 2.6
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
 def device_has_native_bf16(device_type: str) -> bool:
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

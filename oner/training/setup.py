@@ -28,7 +28,13 @@ from .eval_during_training import prepare_evaluation
 from .finish import SUMMARY_FILE
 from .mlm import subword_table
 from .pretrainer import EMATarget, OneRPretrainer
-from .runtime import choose_attn_implementation, choose_mixed_precision, configure_threads, cpu_slow_paths
+from .runtime import (
+    choose_attn_implementation,
+    choose_mixed_precision,
+    configure_threads,
+    cpu_slow_paths,
+    has_accelerator_device,
+)
 from .sharding import (
     check_supported,
     configure_deepspeed_clipping,
@@ -65,7 +71,7 @@ def make_accelerator(args) -> Accelerator:
     return Accelerator(
         # Without an accelerator device, `accelerate launch --multi_gpu` starts N processes that each
         # believe they are alone unless the Accelerator is told to run on the CPU (then: MULTI_CPU, gloo).
-        cpu=not _has_accelerator_device(),
+        cpu=not has_accelerator_device(),
         mixed_precision=args.mixed_precision,
         log_with=log_with,
         project_dir=args.output_dir,
@@ -76,15 +82,9 @@ def make_accelerator(args) -> Accelerator:
 
 
 def _device_type() -> str:
-    if not _has_accelerator_device():
+    if not has_accelerator_device():
         return "cpu"
     return "cuda" if torch.cuda.is_available() else "other"
-
-
-def _has_accelerator_device() -> bool:
-    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, XPU, MPS, ...
-        return torch.accelerator.is_available()
-    return torch.cuda.is_available()
 
 
 def build_model(args):
