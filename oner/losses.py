@@ -163,9 +163,7 @@ def shared_text_loss(
         return (loss_joint + loss_target) / 2
 
 
-def region_text_loss(
-    regions: torch.Tensor, texts: torch.Tensor, sources: torch.Tensor, logit_scale: torch.Tensor
-) -> torch.Tensor:
+def region_text_loss(logits: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
     """CLIM's region-text contrast: each region against every text of this process's batch.
 
     A text may own several regions (an image sits in up to four mosaics), so the text -> region
@@ -173,20 +171,18 @@ def region_text_loss(
     Not gathered: each process scores its own regions (DDP averages the gradients).
 
     Args:
-        regions: `(r, d)` L2-normalised region embeddings (e.g. [`quadrant_pool`]ed mosaic patches).
-        texts: `(n, d)` L2-normalised captions.
-        sources: `(r,)` long, the row of `texts` that describes each region.
-        logit_scale: scalar, log inverse temperature.
+        logits: `(r, n)` scaled region-text similarities (`oner.objectives.region_logits`).
+        sources: `(r,)` long, the text that describes each region.
 
     Returns:
         scalar `(CE(region -> text) + CE(text -> region, soft)) / 2`.
     """
-    with torch.autocast(device_type=regions.device.type, enabled=False):
-        if sources.shape != (len(regions),):
-            raise ValueError(f"sources {tuple(sources.shape)} must name one text per region ({len(regions)})")
-        logits = logit_scale.float().exp() * regions.float() @ texts.float().t()  # (r, n)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        if sources.shape != (len(logits),):
+            raise ValueError(f"sources {tuple(sources.shape)} must name one text per region ({len(logits)})")
+        logits = logits.float()
         loss_region = F.cross_entropy(logits, sources)
-        owns = F.one_hot(sources, len(texts)).t().float()  # (n, r)
+        owns = F.one_hot(sources, logits.shape[1]).t().float()  # (n, r)
         has_region = owns.sum(1) > 0
         soft = owns[has_region] / owns[has_region].sum(1, keepdim=True)
         loss_text = F.cross_entropy(logits.t()[has_region], soft)

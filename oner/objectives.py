@@ -58,6 +58,9 @@ CMC_TARGETS = ("mixup", "image")
 # pass of ITS caption over a context without its image ("shared_text", ours): a joint embedding that
 # is the text's alone scores both the same and cannot win.
 JOINT_NEGATIVES = ("batch", "shared_text")
+# How `quad` pools a quadrant's patch tokens: their mean (CLIM) or a softmax over them conditioned
+# on each text (PACL).
+QUAD_POOLINGS = ("mean", "text_softmax")
 # Which encoder passes each term needs: image-only, text-only, joint full attention, joint
 # cross-modal attention, joint with masked text.
 _NEEDS = {
@@ -148,6 +151,8 @@ class ObjectiveConfig:
             CMC: the joint embedding must be nearer its target `t` than the caption alone is (MCA's
             preference of the composed over the unimodal embedding); the caption's side carries no
             gradient, so the hinge never pulls the text away from its image.
+        quad_pooling: how `quad` pools each mosaic quadrant's patch tokens: `"mean"` (CLIM) or
+            `"text_softmax"` (PACL: weighted by their similarity to each text); see [`region_logits`].
     """
 
     weights: dict[str, float] = field(default_factory=lambda: parse_objective(DEFAULT_OBJECTIVE))
@@ -164,6 +169,7 @@ class ObjectiveConfig:
     cmc_target: str = "mixup"
     joint_negatives: str = "batch"
     joint_margin: float = 0.0
+    quad_pooling: str = "mean"
 
     def __post_init__(self) -> None:
         if self.pairwise not in PAIRWISE_KINDS:
@@ -188,6 +194,8 @@ class ObjectiveConfig:
             raise ValueError("joint_negatives 'shared_text' scores extra negatives and needs the softmax pairwise loss")
         if self.weights.get("quad", 0) > 0 and self.pairwise != "softmax":
             raise ValueError("the quad term scores several regions per caption and needs the softmax pairwise loss")
+        if self.quad_pooling not in QUAD_POOLINGS:
+            raise ValueError(f"quad_pooling must be one of {QUAD_POOLINGS}, got {self.quad_pooling!r}")
         if not (math.isfinite(self.joint_margin) and 0.0 <= self.joint_margin <= 2.0):
             raise ValueError(f"joint_margin must be in [0, 2] (a cosine difference; 0 = off), got {self.joint_margin}")
         if not 0.0 < self.cmc_fraction <= 1.0:
@@ -236,12 +244,10 @@ def mosaic(pixel_values: torch.Tensor, return_sources: bool = False):
     return (out, sources) if return_sources else out
 
 
-def quadrant_pool(patches: torch.Tensor, grid: int) -> torch.Tensor:
-    """`(n, grid * grid, d)` row-major patch tokens -> `(n, 4, d)`: the mean of each quadrant's
-    patches, in [`mosaic`]'s quadrant order (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right).
-
-    The pointing game reads the same tokens (`get_patch_features`), so this trains its map directly.
-    """
+def quadrant_patches(patches: torch.Tensor, grid: int) -> torch.Tensor:
+    """`(n, grid * grid, d)` row-major patch tokens -> `(n, 4, (grid // 2) ** 2, d)`: each quadrant's
+    patches (row-major inside it), in [`mosaic`]'s quadrant order (0 top-left, 1 top-right,
+    2 bottom-left, 3 bottom-right)."""
     n, num_patches, d = patches.shape
     if num_patches != grid * grid:
         raise ValueError(f"{num_patches} patch tokens are not a {grid}x{grid} grid")
@@ -249,7 +255,40 @@ def quadrant_pool(patches: torch.Tensor, grid: int) -> torch.Tensor:
         raise ValueError(f"quadrant pooling needs an even patch grid, got {grid}x{grid}")
     half = grid // 2
     blocks = patches.reshape(n, 2, half, 2, half, d)  # (n, quadrant row, row in it, quadrant column, column in it, d)
-    return blocks.mean(dim=(2, 4)).reshape(n, 4, d)
+    return blocks.permute(0, 1, 3, 2, 4, 5).reshape(n, 4, half * half, d)
+
+
+def quadrant_pool(patches: torch.Tensor, grid: int) -> torch.Tensor:
+    """`(n, grid * grid, d)` -> `(n, 4, d)`: the mean of each quadrant's patch tokens ([`quadrant_patches`])."""
+    return quadrant_patches(patches, grid).mean(dim=2)
+
+
+def region_logits(
+    patches: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor, pooling: str = "mean"
+) -> torch.Tensor:
+    """Scaled similarities `(r, n)` of `r` regions, each given by its projected patch tokens, to `n` texts.
+
+    Args:
+        patches: `(r, k, d)` the patch tokens of each region through the shared head.
+        texts: `(n, d)` L2-normalised.
+        logit_scale: scalar, log inverse temperature.
+        pooling: `"mean"`: the region's embedding is the mean of its patches (CLIM's pooled region
+            feature; with the linear head, the pooled global score's own form). `"text_softmax"`:
+            for each text, the patches weighted by `softmax_k(t * cos(patch_k, text))` (the same
+            softmax over patches as the localization heatmaps), so a region is scored by the
+            patches that show what the text names (PACL, arXiv 2212.04994).
+    """
+    with torch.autocast(device_type=patches.device.type, enabled=False):
+        scale = logit_scale.float().exp()
+        patches, texts = patches.float(), texts.float()
+        if pooling == "mean":
+            return scale * l2_normalize(patches.mean(dim=1)) @ texts.t()
+        if pooling == "text_softmax":
+            unit = l2_normalize(patches)
+            weights = torch.softmax(scale * torch.einsum("rkd,nd->rnk", unit, texts), dim=-1)
+            pooled = l2_normalize(torch.einsum("rnk,rkd->rnd", weights, unit))
+            return scale * (pooled * texts[None]).sum(-1)
+        raise ValueError(f"unknown quad pooling {pooling!r}; choose one of {QUAD_POOLINGS}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,7 +346,8 @@ class Objective:
         if w.get("cmc", 0) > 0:
             parts.update(self.cmc(features, m if self.config.cmc_target == "mixup" else (targets or features)["image"]))
         if w.get("quad", 0) > 0:
-            parts["quad"] = region_text_loss(features["quad"], z_t, features["quad_sources"], features["logit_scale"])
+            logits = region_logits(features["quad"], z_t, features["logit_scale"], self.config.quad_pooling)
+            parts["quad"] = region_text_loss(logits, features["quad_sources"])
         total = sum(w[name] * parts[name] for name in w if name in parts)
         if z_i is not None and z_t is not None:
             parts.update(modality_gap(z_i, z_t))  # logged, never weighted

@@ -337,17 +337,42 @@ def test_region_text_loss_against_a_hand_computed_example():
 
     from oner.losses import region_text_loss
 
+    from oner.objectives import region_logits
+
     texts = torch.eye(3)  # text 2 owns no region
     regions = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0]])
     sources = torch.tensor([0, 1, 0])
-    loss = region_text_loss(regions, texts, sources, torch.tensor(0.0))  # scale 1: logits = cosines
+    logits = region_logits(regions[:, None], texts, torch.tensor(0.0))  # one patch a region; scale 1: cosines
+    assert torch.equal(logits, regions @ texts.t())
+    loss = region_text_loss(logits, sources)
     e = math.e
     region_side = -math.log(e / (e + 2))  # every region: its text at cosine 1, two others at 0
     text0 = -(0.5 * math.log(e / (2 * e + 1)) * 2)  # text 0 owns regions 0 and 2: half the target on each
     text1 = -math.log(e / (e + 2))
     assert loss.item() == pytest.approx((region_side + (text0 + text1) / 2) / 2, rel=1e-6)
     with pytest.raises(ValueError, match="one text per region"):
-        region_text_loss(regions, texts, sources[:2], torch.tensor(0.0))
+        region_text_loss(logits, sources[:2])
+
+
+def test_text_softmax_pooling_scores_a_region_by_the_patches_that_show_the_text():
+    """PACL's pooling against a hand-computed case: a region of two patches, one exactly a text's
+    direction and one orthogonal to both texts. Mean pooling dilutes the match (cosine 1/sqrt(2));
+    the text-conditioned softmax at scale t weighs the matching patch by e^t / (e^t + 1)."""
+    import math
+
+    from oner.objectives import region_logits
+
+    texts = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+    region = torch.tensor([[[2.0, 0, 0], [0, 0, 3.0]]])  # (1 region, 2 patches, d); lengths do not matter
+    scale = math.log(4.0)
+    mean = region_logits(region, texts, torch.tensor(scale), "mean")
+    assert mean[0].tolist() == pytest.approx([4.0 * 2 / math.sqrt(13), 0.0], abs=1e-6)  # normalize((2, 0, 3) / 2)
+    soft = region_logits(region, texts, torch.tensor(scale), "text_softmax")
+    w = math.exp(4.0) / (math.exp(4.0) + 1)  # weight of the matching patch for text 0
+    assert soft[0, 0].item() == pytest.approx(4.0 * w / math.sqrt(w**2 + (1 - w) ** 2), rel=1e-5)
+    assert soft[0, 1].item() == pytest.approx(0.0, abs=1e-6)  # both patches orthogonal to text 1
+    with pytest.raises(ValueError, match="quad pooling"):
+        region_logits(region, texts, torch.tensor(scale), "max")
 
 
 def _aligned_pairs(n=8, d=32, seed=0):
@@ -429,7 +454,7 @@ def test_image_target_and_shared_text_negatives_in_the_pretrainer(tiny_model, ba
 
 
 def test_quad_term_pools_the_mosaic_patches_the_pointing_game_reads(tiny_model, batch6):
-    from oner.objectives import mosaic, quadrant_pool
+    from oner.objectives import mosaic, quadrant_patches
 
     config = ObjectiveConfig(weights=parse_objective("xmc+quad:0.5"))
     assert config.passes == {"image", "text", "quad"}
@@ -437,20 +462,29 @@ def test_quad_term_pools_the_mosaic_patches_the_pointing_game_reads(tiny_model, 
     torch.manual_seed(0)
     features = pretrainer(**batch6)
     n, d = 6, tiny_model.config.projection_dim
-    assert features["quad"].shape == (4 * n, d) and features["quad_sources"].shape == (4 * n,)
-    # the same quadrant embeddings from the public patch map of the same mosaics
+    grid = tiny_model.config.image_size // tiny_model.config.patch_size
+    k = (grid // 2) ** 2
+    assert features["quad"].shape == (4 * n, k, d) and features["quad_sources"].shape == (4 * n,)
+    # the same quadrant tokens as the public patch map (the pointing game's) of the same mosaics
     torch.manual_seed(0)
     mosaics, sources = mosaic(batch6["pixel_values"], return_sources=True)
     patches = tiny_model.get_patch_features(pixel_values=mosaics)
     patches = patches if torch.is_tensor(patches) else patches.last_hidden_state
-    grid = tiny_model.config.image_size // tiny_model.config.patch_size
-    expected = torch.nn.functional.normalize(quadrant_pool(patches, grid), dim=-1).flatten(0, 1)
+    expected = quadrant_patches(patches, grid).flatten(0, 1)
     torch.testing.assert_close(features["quad"], expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(features["quad_sources"], sources.flatten())
     loss, parts = Objective(config)(features)
     assert torch.allclose(loss, parts["xmc"] + 0.5 * parts["quad"])
     loss.backward()
     assert tiny_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    # the text-conditioned pooling: a different value, gradients to the patches and the temperature
+    tiny_model.zero_grad()
+    softmax_config = ObjectiveConfig(weights=parse_objective("quad"), quad_pooling="text_softmax")
+    torch.manual_seed(0)
+    soft_loss, soft_parts = Objective(softmax_config)(OneRPretrainer(tiny_model, softmax_config)(**batch6))
+    assert torch.isfinite(soft_loss) and not torch.isclose(soft_parts["quad"], parts["quad"])
+    soft_loss.backward()
+    assert tiny_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0 and tiny_model.logit_scale.grad is not None
 
 
 def test_feature_cached_accumulation_shifts_the_quadrant_sources(tiny_model, batch6):
@@ -482,6 +516,7 @@ def test_feature_cached_accumulation_shifts_the_quadrant_sources(tiny_model, bat
     (dict(joint_margin=-0.1), "joint_margin"),
     (dict(joint_margin=float("nan")), "joint_margin"),
     (dict(weights={"quad": 1.0}, pairwise="sigmoid"), "quad"),
+    (dict(weights={"quad": 1.0}, quad_pooling="max"), "quad_pooling"),
 ])
 def test_bad_joint_settings_name_the_option(setting, message):
     setting = {"weights": {"cmc": 1.0}, **setting}
@@ -504,10 +539,12 @@ def test_joint_flags_reach_the_run_and_its_checkpoint(pairs_dir, tmp_path, capsy
     common = ["--train_data", str(pairs_dir), "--output_dir", str(tmp_path / "run"), "--config_overrides", overrides,
               "--per_device_batch_size", "6", "--accum_freq", "2", "--warmup_steps", "1", "--logging_steps", "1",
               "--do_eval", "false", "--report_to", "none", "--checkpointing_steps", "2",
-              "--objective", "xmc+cmc+quad:0.5", "--cmc_target", "image", "--joint_margin", "0.1"]
+              "--objective", "xmc+cmc+quad:0.5", "--cmc_target", "image", "--joint_margin", "0.1",
+              "--quad_pooling", "text_softmax"]
     assert main([*common, "--joint_negatives", "shared_text", "--max_steps", "2"]) == 0
     summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
-    assert (summary["cmc_target"], summary["joint_negatives"], summary["joint_margin"]) == ("image", "shared_text", 0.1)
+    assert (summary["cmc_target"], summary["joint_negatives"], summary["joint_margin"], summary["quad_pooling"]) == (
+        "image", "shared_text", 0.1, "text_softmax")
     log = [json.loads(line) for line in (tmp_path / "run" / "training_log.jsonl").read_text().splitlines()]
     assert all("loss/quad" in r and "joint/image_gain" in r for r in log)
     capsys.readouterr()

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CMC's negatives: the other pairs, or also each caption over the next pair's context (ours: the text alone cannot win)")
     g.add_argument("--joint_margin", type=float, default=0.0,
                    help="hinge asking cos(joint, target) > cos(caption alone, target) + margin, added to CMC; 0 = off")
+    g.add_argument("--quad_pooling", default="mean", choices=("mean", "text_softmax"),
+                   help="how the quad term pools a mosaic quadrant's patches: their mean (CLIM) or a softmax over them conditioned on each text (PACL)")
     g.add_argument("--temperature", type=float, default=None,
                    help="fixed temperature of every contrastive term (MoCo v3: 0.2); unset = learned logit scale (CLIP)")
     g.add_argument("--momentum", type=float, default=0.0,
@@ -237,7 +239,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
                         mlm_probability=args.mlm_probability, momentum=args.momentum, xmc_form=args.xmc_form,
                         cmc_fraction=args.cmc_fraction, temperature=args.temperature,
                         cmc_context=args.cmc_context, cmc_target=args.cmc_target,
-                        joint_negatives=args.joint_negatives, joint_margin=args.joint_margin)
+                        joint_negatives=args.joint_negatives, joint_margin=args.joint_margin,
+                        quad_pooling=args.quad_pooling)
     except ValueError as e:
         parser.error(f"objective settings: {e}")
     if args.mixed_precision == "fp32":

@@ -45,6 +45,7 @@ def training_summary(args, model, state, dataset, records: list[dict], global_ba
         "cmc_target": args.cmc_target if "cmc" in args.objective_weights else None,
         "joint_negatives": args.joint_negatives if "cmc" in args.objective_weights else None,
         "joint_margin": args.joint_margin if "cmc" in args.objective_weights else None,
+        "quad_pooling": args.quad_pooling if "quad" in args.objective_weights else None,
         "temperature": args.temperature,
         "pooling": getattr(model.config, "pooling", None),
         "pairwise_loss": args.pairwise_loss,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling_oner.modeling_oner import l2_normalize
-from oner.objectives import ObjectiveConfig, mosaic, quadrant_pool
+from oner.objectives import ObjectiveConfig, mosaic, quadrant_patches
 
 from .mlm import MLMHead
 
@@ -33,8 +33,9 @@ class OneRPretrainer(nn.Module):
       full / cross-modal attention (when `cmc` / `cic` is on);
     - `joint_negative`: `(n, projection_dim)` caption i jointly with pair i+1's context (its image
       or mosaic, which does not hold image i) (`joint_negatives="shared_text"`);
-    - `quad`, `quad_sources`: `(4n, projection_dim)` normalised quadrant embeddings of the mosaics
-      encoded as images, and `(4n,)` the row of the caption of each quadrant's image (`quad`);
+    - `quad`, `quad_sources`: `(4n, k, projection_dim)` the projected patch tokens of each quadrant
+      of the mosaics encoded as images (`k` patches a quadrant), and `(4n,)` the row of the caption
+      of each quadrant's image (`quad`);
     - `mlm_sum`, `mlm_count`: summed token cross-entropy and the number of masked tokens (when `mlm` is on);
     - `logit_scale` (and `logit_bias` for the sigmoid loss): returned as outputs so that their
       gradients flow through DDP's graph.
@@ -90,7 +91,7 @@ class OneRPretrainer(nn.Module):
             out["joint_rows"] = torch.arange(joint_rows, device=input_ids.device)  # which pairs' mixups are CMC's targets
         if "quad" in self.passes:
             rows = slice(None) if joint_rows is None else slice(0, joint_rows)
-            out["quad"] = quadrant_embeddings(self.model, mosaics[rows]).flatten(0, 1)
+            out["quad"] = quadrant_tokens(self.model, mosaics[rows]).flatten(0, 1)
             out["quad_sources"] = sources[rows].flatten()
         if self.mlm_head is not None:
             if mlm_input_ids is None or mlm_labels is None:
@@ -149,16 +150,13 @@ def encode_pairs(
     return out
 
 
-def quadrant_embeddings(model: nn.Module, mosaics: torch.Tensor) -> torch.Tensor:
-    """`(n, c, h, w)` mosaics encoded as images -> `(n, 4, d)` normalised quadrant embeddings.
-
-    Every patch token goes through the shared head (as `get_patch_features`, which the pointing
-    game reads), and each quadrant's projected patches are averaged ([`quadrant_pool`]).
-    """
+def quadrant_tokens(model: nn.Module, mosaics: torch.Tensor) -> torch.Tensor:
+    """`(n, c, h, w)` mosaics encoded as images -> `(n, 4, k, d)`: each quadrant's `k` patch tokens
+    through the shared head (as `get_patch_features`, the map the pointing game reads), not normalised;
+    the objective pools them (`oner.objectives.region_logits`)."""
     num_patches = model.config.num_patches
     hidden = model.forward_features(pixel_values=mosaics).last_hidden_state
-    patches = model.project(hidden[:, 1 : 1 + num_patches])
-    return l2_normalize(quadrant_pool(patches, math.isqrt(num_patches)))
+    return quadrant_patches(model.project(hidden[:, 1 : 1 + num_patches]), math.isqrt(num_patches))
 
 
 class EMATarget(nn.Module):
