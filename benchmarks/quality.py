@@ -57,6 +57,14 @@ GRIDS: dict[str, dict[str, dict]] = {
                                                               cmc_context="mosaic", cmc_fraction=0.5),
         "oner itc+cmc": dict(objective="itc+cmc", cmc_fraction=1.0),
         "oner itc+cmc (cmc on 25%)": dict(objective="itc+cmc", cmc_fraction=0.25),
+        # Joint queries that need the image, and the patch-level target (docs/method.md).
+        "oner xmc+cmc (image target)": dict(objective="xmc+cmc", cmc_target="image"),
+        "oner xmc+cmc (image target, shared-text negatives)": dict(objective="xmc+cmc", cmc_target="image",
+                                                                   joint_negatives="shared_text"),
+        "oner xmc+cmc (image target, shared-text negatives, margin 0.1)": dict(
+            objective="xmc+cmc", cmc_target="image", joint_negatives="shared_text", joint_margin=0.1),
+        "oner xmc+cmc+quad": dict(objective="xmc+cmc+quad"),
+        "oner xmc+cmc+quad:0.25": dict(objective="xmc+cmc+quad:0.25"),
     },
     # Size, resolution, batch, learning rate and data at equal wall-clock (a preset chosen by
     # time-to-quality), with the naive ITC objective and mean pooling.

@@ -132,6 +132,63 @@ def soft_target_loss(
         return (loss_q + loss_k) / 2
 
 
+def shared_text_loss(
+    joint: torch.Tensor, joint_negative: torch.Tensor, targets: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """InfoNCE of joint image+text embeddings against their targets, with negatives the text cannot separate.
+
+    Row i of `joint` is caption i over a context that holds image i; row i of `joint_negative` is
+    the SAME caption over a context without image i; row i of `targets` is what a joint query must
+    find (image i's embedding, or the pair's mixup). Gathered over every process, with gradient.
+
+    `(CE(joint -> targets) + CE(targets -> [joint; joint_negative])) / 2`: in the second direction
+    each target must pick its joint embedding over the one with the same caption, so an embedding
+    that is the caption's alone scores both alike and keeps a loss of at least ln 2.
+
+    Args:
+        joint, joint_negative, targets: `(n, d)` L2-normalised, row-aligned.
+        logit_scale: scalar, log inverse temperature.
+    """
+    with torch.autocast(device_type=joint.device.type, enabled=False):
+        if not joint.shape == joint_negative.shape == targets.shape:
+            raise ValueError(f"joint {tuple(joint.shape)}, joint_negative {tuple(joint_negative.shape)} and "
+                             f"targets {tuple(targets.shape)} must have the same shape")
+        scale = logit_scale.float().exp()
+        all_joint = gather_with_grad(joint.float())
+        all_negative = gather_with_grad(joint_negative.float())
+        all_targets = gather_with_grad(targets.float())
+        labels = _labels(len(all_joint), 0, joint.device)
+        loss_joint = F.cross_entropy(scale * all_joint @ all_targets.t(), labels)
+        loss_target = F.cross_entropy(scale * all_targets @ torch.cat([all_joint, all_negative]).t(), labels)
+        return (loss_joint + loss_target) / 2
+
+
+def region_text_loss(logits: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """CLIM's region-text contrast: each region against every text of this process's batch.
+
+    A text may own several regions (an image sits in up to four mosaics), so the text -> region
+    direction spreads its target evenly over its regions; texts that own none are left out of it.
+    Not gathered: each process scores its own regions (DDP averages the gradients).
+
+    Args:
+        logits: `(r, n)` scaled region-text similarities (`oner.objectives.region_logits`).
+        sources: `(r,)` long, the text that describes each region.
+
+    Returns:
+        scalar `(CE(region -> text) + CE(text -> region, soft)) / 2`.
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        if sources.shape != (len(logits),):
+            raise ValueError(f"sources {tuple(sources.shape)} must name one text per region ({len(logits)})")
+        logits = logits.float()
+        loss_region = F.cross_entropy(logits, sources)
+        owns = F.one_hot(sources, logits.shape[1]).t().float()  # (n, r)
+        has_region = owns.sum(1) > 0
+        soft = owns[has_region] / owns[has_region].sum(1, keepdim=True)
+        loss_text = F.cross_entropy(logits.t()[has_region], soft)
+        return (loss_region + loss_text) / 2
+
+
 def pairwise_loss(
     queries: torch.Tensor,
     keys: torch.Tensor,

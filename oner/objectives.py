@@ -10,7 +10,8 @@ between paired rows (InfoNCE, or SigLIP's sigmoid loss), negatives from every pr
 | `itc` | `P(z_I, z_T)` (naive one-tower ITC, the failing baseline) | [talk] |
 | `xmc` | `(P(z_I, m) + P(z_T, m)) / 2` | idea [talk], form [inferred] |
 | `cic` | `P(z_C, m)`, `z_C` = the joint [I;T] pass where each modality attends only to the other | idea [talk], form [inferred] |
-| `cmc` | `P(z_J, m)`, `z_J` = the joint [I;T] pass with full attention | [talk], form [inferred] |
+| `cmc` | `P(z_J, m)`, `z_J` = the joint [I;T] pass with full attention; or against `z_I` with negatives that share the text (`cmc_target`, `joint_negatives`, `joint_margin`) | [talk], form [inferred]; image target: MagicLens, MCA; shared-text negatives: ours |
+| `quad` | each quadrant of a 2x2 mosaic (its patch tokens pooled) against its own object's caption | CLIM |
 | `mlm` | cross-entropy on whole-word-masked caption tokens, joint pass with the image | [talk]/[code], form [inferred] |
 
 The total is `sum_k w_k * L_k`. This module holds the terms; the model stays pure (`modeling_oner`
@@ -34,15 +35,32 @@ import torch.nn.functional as F
 
 from modeling_oner.modeling_oner import l2_normalize
 
-from .losses import PAIRWISE_KINDS, gather_with_grad, pairwise_loss, soft_target_loss
+from .losses import (
+    PAIRWISE_KINDS,
+    gather_with_grad,
+    pairwise_loss,
+    region_text_loss,
+    shared_text_loss,
+    soft_target_loss,
+)
 
-TERMS = ("itc", "xmc", "cic", "cmc", "mlm")
+TERMS = ("itc", "xmc", "cic", "cmc", "quad", "mlm")
 # How XMC builds its mixup (docs/method.md): the paper's "same-pair" mix of image i and text i, or
 # our "cross-pair" mix of image i and the text of ANOTHER pair, scored with soft targets.
 XMC_FORMS = ("same-pair", "cross-pair")
 # What CMC's joint pass sees beside the caption: its own image ("pair", the paper's joint sequence),
 # or a 2x2 mosaic of its image and three other images of the batch ("mosaic", ours).
 CMC_CONTEXTS = ("pair", "mosaic")
+# What CMC's joint embedding is scored against: the pair's mixup `m` (the paper's CMC, [inferred]
+# form) or the pair's own image embedding `z_I` (the task of a joint query: find that image).
+CMC_TARGETS = ("mixup", "image")
+# CMC's negatives: the other pairs of the batch ("batch"), or those plus, for each pair, the joint
+# pass of ITS caption over a context without its image ("shared_text", ours): a joint embedding that
+# is the text's alone scores both the same and cannot win.
+JOINT_NEGATIVES = ("batch", "shared_text")
+# How `quad` pools a quadrant's patch tokens: their mean (CLIM) or a softmax over them conditioned
+# on each text (PACL).
+QUAD_POOLINGS = ("mean", "text_softmax")
 # Which encoder passes each term needs: image-only, text-only, joint full attention, joint
 # cross-modal attention, joint with masked text.
 _NEEDS = {
@@ -50,6 +68,7 @@ _NEEDS = {
     "xmc": {"image", "text"},
     "cic": {"image", "text", "cross"},
     "cmc": {"image", "text", "joint"},
+    "quad": {"text", "quad"},
     "mlm": {"mlm"},
 }
 # The paper's final recipe as the talk describes it (XMC, then CMC for the joint sequence).
@@ -111,7 +130,8 @@ class ObjectiveConfig:
             the images and against the texts with soft targets, `lam` on pair i and `1 - lam` on
             pair i+1, so half of every target is reachable only through cross-modal alignment).
         cmc_fraction: fraction of each micro-batch (its first rows) that gets the joint pass of
-            `cmc`, trading the joint space's training for speed (1 = every row) [ours].
+            `cmc` (and the mosaic image pass of `quad`), trading their training for speed (1 = every
+            row) [ours].
         temperature: a FIXED temperature (MoCo v3 uses 0.2) instead of the learned logit scale;
             None keeps it learned (CLIP) [inferred].
         cmc_context: the image of CMC's joint pass. `"pair"`: the pair's own image. `"mosaic"` (ours):
@@ -119,6 +139,20 @@ class ObjectiveConfig:
             batch, each at half resolution, still contrasted with the pair's own mixup, so the joint
             pass must find the object the caption names among distractors (what a joint image+text
             query about one object in a scene needs).
+        cmc_target: what CMC's joint embedding is scored against: `"mixup"` (the pair's `m`, the
+            paper's CMC) or `"image"` (the pair's own image embedding `z_I`, the answer a joint
+            query must find; MagicLens's query -> target image).
+        joint_negatives: `"batch"` (the other pairs) or `"shared_text"` (ours): besides them, each
+            pair's caption is also encoded jointly with the NEXT pair's context (a mosaic without
+            the pair's image), and each target is scored against both joint embeddings; the text
+            alone cannot tell them apart. Needs the softmax pairwise loss and, with mosaics, at
+            least 5 pairs per micro-batch.
+        joint_margin: when > 0, a hinge `relu(margin - (cos(z_J, t) - cos(z_T, t)))` added to
+            CMC: the joint embedding must be nearer its target `t` than the caption alone is (MCA's
+            preference of the composed over the unimodal embedding); the caption's side carries no
+            gradient, so the hinge never pulls the text away from its image.
+        quad_pooling: how `quad` pools each mosaic quadrant's patch tokens: `"mean"` (CLIM) or
+            `"text_softmax"` (PACL: weighted by their similarity to each text); see [`region_logits`].
     """
 
     weights: dict[str, float] = field(default_factory=lambda: parse_objective(DEFAULT_OBJECTIVE))
@@ -132,6 +166,10 @@ class ObjectiveConfig:
     cmc_fraction: float = 1.0
     temperature: float | None = None
     cmc_context: str = "pair"
+    cmc_target: str = "mixup"
+    joint_negatives: str = "batch"
+    joint_margin: float = 0.0
+    quad_pooling: str = "mean"
 
     def __post_init__(self) -> None:
         if self.pairwise not in PAIRWISE_KINDS:
@@ -148,6 +186,18 @@ class ObjectiveConfig:
             raise ValueError("xmc_form 'cross-pair' scores soft targets and needs the softmax pairwise loss")
         if self.cmc_context not in CMC_CONTEXTS:
             raise ValueError(f"cmc_context must be one of {CMC_CONTEXTS}, got {self.cmc_context!r}")
+        if self.cmc_target not in CMC_TARGETS:
+            raise ValueError(f"cmc_target must be one of {CMC_TARGETS}, got {self.cmc_target!r}")
+        if self.joint_negatives not in JOINT_NEGATIVES:
+            raise ValueError(f"joint_negatives must be one of {JOINT_NEGATIVES}, got {self.joint_negatives!r}")
+        if self.joint_negatives == "shared_text" and self.pairwise != "softmax":
+            raise ValueError("joint_negatives 'shared_text' scores extra negatives and needs the softmax pairwise loss")
+        if self.weights.get("quad", 0) > 0 and self.pairwise != "softmax":
+            raise ValueError("the quad term scores several regions per caption and needs the softmax pairwise loss")
+        if self.quad_pooling not in QUAD_POOLINGS:
+            raise ValueError(f"quad_pooling must be one of {QUAD_POOLINGS}, got {self.quad_pooling!r}")
+        if not (math.isfinite(self.joint_margin) and 0.0 <= self.joint_margin <= 2.0):
+            raise ValueError(f"joint_margin must be in [0, 2] (a cosine difference; 0 = off), got {self.joint_margin}")
         if not 0.0 < self.cmc_fraction <= 1.0:
             raise ValueError(f"cmc_fraction must be in (0, 1], got {self.cmc_fraction}")
         if self.temperature is not None and not 0.0 < self.temperature <= 1.0:
@@ -156,11 +206,15 @@ class ObjectiveConfig:
     @property
     def passes(self) -> set[str]:
         """Encoder passes needed by the enabled (non-zero weight) terms."""
-        return set().union(*(_NEEDS[name] for name, w in self.weights.items() if w > 0))
+        needs = set().union(*(_NEEDS[name] for name, w in self.weights.items() if w > 0))
+        if "joint" in needs and self.joint_negatives == "shared_text":
+            needs.add("joint_negative")
+        return needs
 
     @property
     def uses_mixup(self) -> bool:
-        return any(self.weights.get(name, 0) > 0 for name in ("xmc", "cic", "cmc"))
+        terms = ("xmc", "cic", "cmc") if self.cmc_target == "mixup" else ("xmc", "cic")
+        return any(self.weights.get(name, 0) > 0 for name in terms)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,10 +222,12 @@ class ObjectiveConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def mosaic(pixel_values: torch.Tensor) -> torch.Tensor:
+def mosaic(pixel_values: torch.Tensor, return_sources: bool = False):
     """`(n, c, h, w)` -> `(n, c, h, w)`: image i at half resolution in a random quadrant of a 2x2
     mosaic whose other quadrants hold images i+1, i+2, i+3 of the batch (cyclically).
 
+    Quadrants are numbered row-major: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right. With
+    `return_sources=True` also returns `(n, 4)` long: the batch row of the image in each quadrant.
     The quadrant comes from torch's global generator, so feature caching's replayed RNG state
     rebuilds the same mosaic. A batch of fewer than 4 images repeats images.
     """
@@ -182,8 +238,57 @@ def mosaic(pixel_values: torch.Tensor) -> torch.Tensor:
                           align_corners=False).to(pixel_values.dtype)
     own_quadrant = torch.randint(0, 4, (n,), device=pixel_values.device)
     rows = torch.arange(n, device=pixel_values.device)
-    tiles = [small[(rows + (k - own_quadrant) % 4) % n] for k in range(4)]  # quadrant k of every mosaic
-    return torch.cat([torch.cat(tiles[:2], dim=3), torch.cat(tiles[2:], dim=3)], dim=2)
+    sources = torch.stack([(rows + (k - own_quadrant) % 4) % n for k in range(4)], dim=1)  # (n, 4)
+    tiles = [small[sources[:, k]] for k in range(4)]  # quadrant k of every mosaic
+    out = torch.cat([torch.cat(tiles[:2], dim=3), torch.cat(tiles[2:], dim=3)], dim=2)
+    return (out, sources) if return_sources else out
+
+
+def quadrant_patches(patches: torch.Tensor, grid: int) -> torch.Tensor:
+    """`(n, grid * grid, d)` row-major patch tokens -> `(n, 4, (grid // 2) ** 2, d)`: each quadrant's
+    patches (row-major inside it), in [`mosaic`]'s quadrant order (0 top-left, 1 top-right,
+    2 bottom-left, 3 bottom-right)."""
+    n, num_patches, d = patches.shape
+    if num_patches != grid * grid:
+        raise ValueError(f"{num_patches} patch tokens are not a {grid}x{grid} grid")
+    if grid % 2:
+        raise ValueError(f"quadrant pooling needs an even patch grid, got {grid}x{grid}")
+    half = grid // 2
+    blocks = patches.reshape(n, 2, half, 2, half, d)  # (n, quadrant row, row in it, quadrant column, column in it, d)
+    return blocks.permute(0, 1, 3, 2, 4, 5).reshape(n, 4, half * half, d)
+
+
+def quadrant_pool(patches: torch.Tensor, grid: int) -> torch.Tensor:
+    """`(n, grid * grid, d)` -> `(n, 4, d)`: the mean of each quadrant's patch tokens ([`quadrant_patches`])."""
+    return quadrant_patches(patches, grid).mean(dim=2)
+
+
+def region_logits(
+    patches: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor, pooling: str = "mean"
+) -> torch.Tensor:
+    """Scaled similarities `(r, n)` of `r` regions, each given by its projected patch tokens, to `n` texts.
+
+    Args:
+        patches: `(r, k, d)` the patch tokens of each region through the shared head.
+        texts: `(n, d)` L2-normalised.
+        logit_scale: scalar, log inverse temperature.
+        pooling: `"mean"`: the region's embedding is the mean of its patches (CLIM's pooled region
+            feature; with the linear head, the pooled global score's own form). `"text_softmax"`:
+            for each text, the patches weighted by `softmax_k(t * cos(patch_k, text))` (the same
+            softmax over patches as the localization heatmaps), so a region is scored by the
+            patches that show what the text names (PACL, arXiv 2212.04994).
+    """
+    with torch.autocast(device_type=patches.device.type, enabled=False):
+        scale = logit_scale.float().exp()
+        patches, texts = patches.float(), texts.float()
+        if pooling == "mean":
+            return scale * l2_normalize(patches.mean(dim=1)) @ texts.t()
+        if pooling == "text_softmax":
+            unit = l2_normalize(patches)
+            weights = torch.softmax(scale * torch.einsum("rkd,nd->rnk", unit, texts), dim=-1)
+            pooled = l2_normalize(torch.einsum("rnk,rkd->rnd", weights, unit))
+            return scale * (pooled * texts[None]).sum(-1)
+        raise ValueError(f"unknown quad pooling {pooling!r}; choose one of {QUAD_POOLINGS}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,12 +344,40 @@ class Objective:
         if w.get("cic", 0) > 0:
             parts["cic"] = self._pair(features["cross"], m, features)
         if w.get("cmc", 0) > 0:
-            rows = features.get("joint_rows")  # only some pairs got the joint pass when cmc_fraction < 1
-            parts["cmc"] = self._pair(features["joint"], m if rows is None else m[rows], features)
+            parts.update(self.cmc(features, m if self.config.cmc_target == "mixup" else (targets or features)["image"]))
+        if w.get("quad", 0) > 0:
+            logits = region_logits(features["quad"], z_t, features["logit_scale"], self.config.quad_pooling)
+            parts["quad"] = region_text_loss(logits, features["quad_sources"])
         total = sum(w[name] * parts[name] for name in w if name in parts)
         if z_i is not None and z_t is not None:
             parts.update(modality_gap(z_i, z_t))  # logged, never weighted
         return total, parts
+
+    def cmc(self, features: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """CMC against `target` `(n, d)` (the mixups or the images of the batch), as the config says.
+
+        Returns `cmc` (with the margin hinge added when `joint_margin > 0`) and, logged only,
+        `joint/image_gain`: the mean of `cos(z_J, t) - cos(z_T, t)`, how much nearer its target the
+        joint embedding is than the caption alone (0 or less: the image adds nothing).
+        """
+        rows = features.get("joint_rows")  # only some pairs got the joint pass when cmc_fraction < 1
+        joint = features["joint"]
+        target = target if rows is None else target[rows]
+        if "joint_negative" in features:
+            loss = shared_text_loss(joint, features["joint_negative"], target, features["logit_scale"])
+        else:
+            loss = self._pair(joint, target, features)
+        out = {}
+        if "text" in features:
+            text = features["text"] if rows is None else features["text"][rows]
+            gain = (joint * target).sum(-1) - (text * target).sum(-1).detach()  # the caption's side: a reference only
+            out["joint/image_gain"] = gain.detach().mean()
+            if self.config.joint_margin > 0:
+                hinge = F.relu(self.config.joint_margin - gain).mean()
+                out["joint/margin_hinge"] = hinge.detach()
+                loss = loss + hinge
+        out["cmc"] = loss
+        return out
 
     def cross_pair_xmc(self, z_i: torch.Tensor, z_t: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
         """XMC with the mixup across pairs (see `ObjectiveConfig.xmc_form`), over the global batch.

@@ -285,3 +285,268 @@ def test_the_sigmoid_bias_is_saved_with_the_model_and_used_by_its_scores(tiny_co
         out = loaded(**batch)
         unbiased = loaded.logit_scale.exp() * out.image_embeds @ out.text_embeds.t()
     torch.testing.assert_close(out.logits_per_image, unbiased - 3.0)
+
+
+# --------------------------------------------------------------------------- joint target, shared-text negatives, quad
+
+
+@pytest.fixture
+def batch6(tiny_processor):
+    """Six pairs: enough for the mosaic's shared-text negatives (pair i+1's mosaic must not hold image i)."""
+    g = torch.Generator().manual_seed(0)
+    from PIL import Image
+
+    images = [Image.fromarray((torch.rand(20, 20, 3, generator=g) * 255).byte().numpy()) for _ in range(6)]
+    texts = ["a red apple", "green frog face", "blue whale spouting water", "snowman", "hot pepper", "bee"]
+    return dict(tiny_processor(text=texts, images=images, return_tensors="pt"))
+
+
+def test_quadrant_pool_against_a_hand_computed_example():
+    from oner.objectives import quadrant_pool
+
+    # a 4x4 grid, row-major, patch k holds the value k in both of its 2 channels
+    patches = torch.arange(16, dtype=torch.float32)[None, :, None].expand(1, 16, 2)
+    pooled = quadrant_pool(patches, 4)
+    # top-left {0,1,4,5}, top-right {2,3,6,7}, bottom-left {8,9,12,13}, bottom-right {10,11,14,15}
+    assert pooled.shape == (1, 4, 2)
+    assert pooled[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5] and torch.equal(pooled[..., 0], pooled[..., 1])
+    with pytest.raises(ValueError, match="even patch grid"):
+        quadrant_pool(torch.zeros(1, 9, 2), 3)
+    with pytest.raises(ValueError, match="4x4 grid"):
+        quadrant_pool(torch.zeros(1, 15, 2), 4)
+
+
+def test_mosaic_sources_name_the_image_in_each_quadrant():
+    from oner.objectives import mosaic
+
+    torch.manual_seed(1)
+    n, size = 6, 8
+    images = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 3, size, size).contiguous()
+    out, sources = mosaic(images, return_sources=True)
+    assert sources.shape == (n, 4) and sources.dtype == torch.long
+    for i in range(n):
+        quadrants = [out[i, 0, r : r + 4, c : c + 4] for r in (0, 4) for c in (0, 4)]  # row-major
+        assert [float(q.mean()) for q in quadrants] == sources[i].float().tolist()
+        assert i in sources[i].tolist()
+    torch.manual_seed(1)
+    assert torch.equal(mosaic(images), out)  # the same draw with or without the sources
+
+
+def test_region_text_loss_against_a_hand_computed_example():
+    import math
+
+    from oner.losses import region_text_loss
+
+    from oner.objectives import region_logits
+
+    texts = torch.eye(3)  # text 2 owns no region
+    regions = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0]])
+    sources = torch.tensor([0, 1, 0])
+    logits = region_logits(regions[:, None], texts, torch.tensor(0.0))  # one patch a region; scale 1: cosines
+    assert torch.equal(logits, regions @ texts.t())
+    loss = region_text_loss(logits, sources)
+    e = math.e
+    region_side = -math.log(e / (e + 2))  # every region: its text at cosine 1, two others at 0
+    text0 = -(0.5 * math.log(e / (2 * e + 1)) * 2)  # text 0 owns regions 0 and 2: half the target on each
+    text1 = -math.log(e / (e + 2))
+    assert loss.item() == pytest.approx((region_side + (text0 + text1) / 2) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="one text per region"):
+        region_text_loss(logits, sources[:2])
+
+
+def test_text_softmax_pooling_scores_a_region_by_the_patches_that_show_the_text():
+    """PACL's pooling against a hand-computed case: a region of two patches, one exactly a text's
+    direction and one orthogonal to both texts. Mean pooling dilutes the match (cosine 1/sqrt(2));
+    the text-conditioned softmax at scale t weighs the matching patch by e^t / (e^t + 1)."""
+    import math
+
+    from oner.objectives import region_logits
+
+    texts = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+    region = torch.tensor([[[2.0, 0, 0], [0, 0, 3.0]]])  # (1 region, 2 patches, d); lengths do not matter
+    scale = math.log(4.0)
+    mean = region_logits(region, texts, torch.tensor(scale), "mean")
+    assert mean[0].tolist() == pytest.approx([4.0 * 2 / math.sqrt(13), 0.0], abs=1e-6)  # normalize((2, 0, 3) / 2)
+    soft = region_logits(region, texts, torch.tensor(scale), "text_softmax")
+    w = math.exp(4.0) / (math.exp(4.0) + 1)  # weight of the matching patch for text 0
+    assert soft[0, 0].item() == pytest.approx(4.0 * w / math.sqrt(w**2 + (1 - w) ** 2), rel=1e-5)
+    assert soft[0, 1].item() == pytest.approx(0.0, abs=1e-6)  # both patches orthogonal to text 1
+    with pytest.raises(ValueError, match="quad pooling"):
+        region_logits(region, texts, torch.tensor(scale), "max")
+
+
+def _aligned_pairs(n=8, d=32, seed=0):
+    """Images and captions near each other (cosine ~0.8) but not equal."""
+    g = torch.Generator().manual_seed(seed)
+    z_i = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+    z_t = torch.nn.functional.normalize(z_i + 0.75 * torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1), dim=-1)
+    return z_i, z_t
+
+
+def _cmc(joint, joint_negative, z_i, z_t, logit_scale=4.6, **config):
+    config = ObjectiveConfig(weights={"cmc": 1.0}, cmc_target="image", **config)
+    features = {"image": z_i, "text": z_t, "joint": joint, "logit_scale": torch.tensor(logit_scale)}
+    if joint_negative is not None:
+        features["joint_negative"] = joint_negative
+    return Objective(config).contrastive_loss(features)
+
+
+def test_the_text_only_shortcut_cannot_minimise_the_shared_text_loss():
+    """The modality shortcut, constructed: the joint embedding IS the caption's, whatever the picture.
+    With plain in-batch negatives that already wins (the captions tell the images apart); with the
+    same caption over a picture without the image as a negative it keeps at least ln(2) / 2, while a
+    joint embedding that carries the named image reaches almost 0."""
+    import math
+
+    z_i, z_t = _aligned_pairs()
+    shortcut_plain, _ = _cmc(z_t, None, z_i, z_t)
+    shortcut_shared, _ = _cmc(z_t, z_t, z_i, z_t, joint_negatives="shared_text")
+    uses_image, _ = _cmc(z_i, z_t, z_i, z_t, joint_negatives="shared_text")  # without its image: the caption's
+    assert shortcut_plain.item() < 0.05
+    assert shortcut_shared.item() >= math.log(2) / 2
+    assert uses_image.item() < 0.05 < shortcut_shared.item() / 5
+
+
+def test_the_joint_margin_holds_the_text_only_embedding_to_the_margin():
+    z_i, z_t = _aligned_pairs()
+    _, plain = _cmc(z_t, None, z_i, z_t)
+    shortcut, parts = _cmc(z_t, None, z_i, z_t, joint_margin=0.2)
+    assert parts["joint/image_gain"].abs() < 1e-6  # the caption alone: nothing gained over it
+    assert parts["joint/margin_hinge"].item() == pytest.approx(0.2, abs=1e-6)
+    assert shortcut.item() == pytest.approx(plain["cmc"].item() + 0.2, abs=1e-5)
+    uses_image, parts = _cmc(z_i, None, z_i, z_t, joint_margin=0.1)
+    assert parts["joint/image_gain"] > 0.1 and parts["joint/margin_hinge"] == 0
+    # the caption's side of the margin is a reference: the hinge never moves the text
+    z_t = z_t.clone().requires_grad_(True)
+    joint = z_t.detach().clone().requires_grad_(True)
+    config = ObjectiveConfig(weights={"cmc": 1.0}, cmc_target="image", joint_margin=0.2)
+    _, parts = Objective(config).contrastive_loss({"image": z_i, "text": z_t, "joint": joint,
+                                                   "logit_scale": torch.tensor(4.6)})
+    hinge_only = parts["cmc"] - Objective(ObjectiveConfig(weights={"cmc": 1.0}, cmc_target="image")).contrastive_loss(
+        {"image": z_i, "text": z_t, "joint": joint, "logit_scale": torch.tensor(4.6)})[1]["cmc"]
+    hinge_only.backward()
+    assert z_t.grad is None and joint.grad.abs().sum() > 0
+
+
+def test_image_target_and_shared_text_negatives_in_the_pretrainer(tiny_model, batch6):
+    seen = []
+    original = tiny_model.embed
+
+    def spy(**kwargs):
+        if "input_ids" in kwargs and "pixel_values" in kwargs:
+            seen.append(kwargs["pixel_values"])
+        return original(**kwargs)
+
+    tiny_model.embed = spy
+    torch.manual_seed(0)
+    loss, parts, pretrainer = _run(tiny_model, batch6, "xmc+cmc", cmc_context="mosaic", cmc_target="image",
+                                   joint_negatives="shared_text", joint_margin=0.1)
+    assert len(seen) == 2  # the joint pass and its shared-text negative
+    assert torch.equal(seen[1], seen[0].roll(-1, dims=0))  # caption i over pair i+1's mosaic
+    assert {"cmc", "joint/image_gain", "joint/margin_hinge"} <= set(parts)
+    loss.backward()
+    assert torch.isfinite(loss) and tiny_model.encoder.layers[0].self_attn.qkv.weight.grad.abs().sum() > 0
+    features = pretrainer(**batch6)
+    assert features["joint_negative"].shape == features["joint"].shape == (6, tiny_model.config.projection_dim)
+    small = {k: v[:4] for k, v in batch6.items()}
+    with pytest.raises(ValueError, match="joint_negatives 'shared_text' needs at least 5"):
+        pretrainer(**small)
+
+
+def test_quad_term_pools_the_mosaic_patches_the_pointing_game_reads(tiny_model, batch6):
+    from oner.objectives import mosaic, quadrant_patches
+
+    config = ObjectiveConfig(weights=parse_objective("xmc+quad:0.5"))
+    assert config.passes == {"image", "text", "quad"}
+    pretrainer = OneRPretrainer(tiny_model, config)
+    torch.manual_seed(0)
+    features = pretrainer(**batch6)
+    n, d = 6, tiny_model.config.projection_dim
+    grid = tiny_model.config.image_size // tiny_model.config.patch_size
+    k = (grid // 2) ** 2
+    assert features["quad"].shape == (4 * n, k, d) and features["quad_sources"].shape == (4 * n,)
+    # the same quadrant tokens as the public patch map (the pointing game's) of the same mosaics
+    torch.manual_seed(0)
+    mosaics, sources = mosaic(batch6["pixel_values"], return_sources=True)
+    patches = tiny_model.get_patch_features(pixel_values=mosaics)
+    patches = patches if torch.is_tensor(patches) else patches.last_hidden_state
+    expected = quadrant_patches(patches, grid).flatten(0, 1)
+    torch.testing.assert_close(features["quad"], expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(features["quad_sources"], sources.flatten())
+    loss, parts = Objective(config)(features)
+    assert torch.allclose(loss, parts["xmc"] + 0.5 * parts["quad"])
+    loss.backward()
+    assert tiny_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    # the text-conditioned pooling: a different value, gradients to the patches and the temperature
+    tiny_model.zero_grad()
+    softmax_config = ObjectiveConfig(weights=parse_objective("quad"), quad_pooling="text_softmax")
+    torch.manual_seed(0)
+    soft_loss, soft_parts = Objective(softmax_config)(OneRPretrainer(tiny_model, softmax_config)(**batch6))
+    assert torch.isfinite(soft_loss) and not torch.isclose(soft_parts["quad"], parts["quad"])
+    soft_loss.backward()
+    assert tiny_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0 and tiny_model.logit_scale.grad is not None
+
+
+def test_feature_cached_accumulation_shifts_the_quadrant_sources(tiny_model, batch6):
+    """Two micro-batches of 3: each one's quadrant sources index ITS captions; the cached step must
+    shift them to rows of the whole step (checked against the loss on features shifted by hand)."""
+    from accelerate import Accelerator
+
+    from oner.training.step import forward_backward
+
+    config = ObjectiveConfig(weights=parse_objective("itc+quad"))
+    pretrainer = OneRPretrainer(tiny_model.train(), config)
+    micro = [{k: v[i * 3:(i + 1) * 3] for k, v in batch6.items()} for i in range(2)]
+    torch.manual_seed(0)
+    loss, parts = forward_backward(pretrainer, Objective(config), micro, Accelerator(cpu=True))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        f = [pretrainer(**m) for m in micro]
+    joined = {k: torch.cat([f[0][k], f[1][k]]) for k in ("image", "text", "quad")}
+    joined["quad_sources"] = torch.cat([f[0]["quad_sources"], f[1]["quad_sources"] + 3])
+    joined["logit_scale"] = f[0]["logit_scale"]
+    _, expected = Objective(config).contrastive_loss(joined)
+    assert parts["quad"].item() == pytest.approx(expected["quad"].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("setting,message", [
+    (dict(cmc_target="text"), "cmc_target"),
+    (dict(joint_negatives="hard"), "joint_negatives"),
+    (dict(joint_negatives="shared_text", pairwise="sigmoid"), "softmax"),
+    (dict(joint_margin=-0.1), "joint_margin"),
+    (dict(joint_margin=float("nan")), "joint_margin"),
+    (dict(weights={"quad": 1.0}, pairwise="sigmoid"), "quad"),
+    (dict(weights={"quad": 1.0}, quad_pooling="max"), "quad_pooling"),
+])
+def test_bad_joint_settings_name_the_option(setting, message):
+    setting = {"weights": {"cmc": 1.0}, **setting}
+    with pytest.raises(ValueError, match=message):
+        ObjectiveConfig(**setting)
+
+
+def test_joint_flags_reach_the_run_and_its_checkpoint(pairs_dir, tmp_path, capsys, fresh_accelerate_state):
+    """The new settings: parsed and validated as flags, run end to end with feature caching, written to
+    the run summary, saved in the checkpoint, and a resume with another value is refused."""
+    import json
+
+    from conftest import TINY
+    from oner.training import main, parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--joint_margin", "-1"])
+    assert exit_info.value.code == 2 and "joint_margin" in capsys.readouterr().err
+    overrides = ",".join(f"{k}={v}" for k, v in TINY.items())
+    common = ["--train_data", str(pairs_dir), "--output_dir", str(tmp_path / "run"), "--config_overrides", overrides,
+              "--per_device_batch_size", "6", "--accum_freq", "2", "--warmup_steps", "1", "--logging_steps", "1",
+              "--do_eval", "false", "--report_to", "none", "--checkpointing_steps", "2",
+              "--objective", "xmc+cmc+quad:0.5", "--cmc_target", "image", "--joint_margin", "0.1",
+              "--quad_pooling", "text_softmax"]
+    assert main([*common, "--joint_negatives", "shared_text", "--max_steps", "2"]) == 0
+    summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
+    assert (summary["cmc_target"], summary["joint_negatives"], summary["joint_margin"], summary["quad_pooling"]) == (
+        "image", "shared_text", 0.1, "text_softmax")
+    log = [json.loads(line) for line in (tmp_path / "run" / "training_log.jsonl").read_text().splitlines()]
+    assert all("loss/quad" in r and "joint/image_gain" in r for r in log)
+    capsys.readouterr()
+    rc = main([*common, "--joint_negatives", "batch", "--max_steps", "4", "--resume_from_checkpoint", "latest"])
+    assert rc == 1 and "joint_negatives" in capsys.readouterr().err

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("objective")
     g.add_argument("--objective", default=DEFAULT_OBJECTIVE,
-                   help="terms joined by '+', each optionally ':weight', from itc, xmc, cic, cmc, mlm (e.g. itc, xmc+cmc, itc+xmc+cmc:0.5+mlm:0.1)")
+                   help="terms joined by '+', each optionally ':weight', from itc, xmc, cic, cmc, quad, mlm (e.g. itc, xmc+cmc, xmc+cmc+quad:0.5, itc+xmc+cmc:0.5+mlm:0.1)")
     g.add_argument("--pairwise_loss", default="softmax", choices=("softmax", "sigmoid"),
                    help="InfoNCE (CLIP) or the pairwise sigmoid loss (SigLIP) for every contrastive term")
     _flag(g, "--local_loss", False, "score local rows against gathered columns only (open_clip --local-loss)")
@@ -131,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of each batch that gets CMC's joint pass (1 = all); the joint pass costs about as much as the image and text passes together")
     g.add_argument("--cmc_context", default="mosaic", choices=("pair", "mosaic"),
                    help="image of CMC's joint pass: the pair's own (paper) or a 2x2 mosaic with 3 other batch images (ours)")
+    g.add_argument("--cmc_target", default="mixup", choices=("mixup", "image"),
+                   help="what CMC's joint embedding is scored against: the pair's mixup (paper, inferred) or its own image embedding")
+    g.add_argument("--joint_negatives", default="batch", choices=("batch", "shared_text"),
+                   help="CMC's negatives: the other pairs, or also each caption over the next pair's context (ours: the text alone cannot win)")
+    g.add_argument("--joint_margin", type=float, default=0.0,
+                   help="hinge asking cos(joint, target) > cos(caption alone, target) + margin, added to CMC; 0 = off")
+    g.add_argument("--quad_pooling", default="mean", choices=("mean", "text_softmax"),
+                   help="how the quad term pools a mosaic quadrant's patches: their mean (CLIM) or a softmax over them conditioned on each text (PACL)")
     g.add_argument("--temperature", type=float, default=None,
                    help="fixed temperature of every contrastive term (MoCo v3: 0.2); unset = learned logit scale (CLIP)")
     g.add_argument("--momentum", type=float, default=0.0,
@@ -287,7 +295,9 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         ObjectiveConfig(weights=args.objective_weights, pairwise=args.pairwise_loss, mix_weight=args.mix_weight,
                         mlm_probability=args.mlm_probability, momentum=args.momentum, xmc_form=args.xmc_form,
                         cmc_fraction=args.cmc_fraction, temperature=args.temperature,
-                        cmc_context=args.cmc_context)
+                        cmc_context=args.cmc_context, cmc_target=args.cmc_target,
+                        joint_negatives=args.joint_negatives, joint_margin=args.joint_margin,
+                        quad_pooling=args.quad_pooling)
     except ValueError as e:
         parser.error(f"objective settings: {e}")
     if args.mixed_precision == "fp32":

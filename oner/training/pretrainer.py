@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling_oner.modeling_oner import l2_normalize
-from oner.objectives import ObjectiveConfig, mosaic
+from oner.objectives import ObjectiveConfig, mosaic, quadrant_patches
 
 from .mlm import MLMHead
 
@@ -31,6 +31,11 @@ class OneRPretrainer(nn.Module):
     - `image`, `text`: `(n, projection_dim)` normalised single-modality embeddings;
     - `joint` / `cross`: `(n, projection_dim)` normalised embeddings of the joint [I;T] pass with
       full / cross-modal attention (when `cmc` / `cic` is on);
+    - `joint_negative`: `(n, projection_dim)` caption i jointly with pair i+1's context (its image
+      or mosaic, which does not hold image i) (`joint_negatives="shared_text"`);
+    - `quad`, `quad_sources`: `(4n, k, projection_dim)` the projected patch tokens of each quadrant
+      of the mosaics encoded as images (`k` patches a quadrant), and `(4n,)` the row of the caption
+      of each quadrant's image (`quad`);
     - `mlm_sum`, `mlm_count`: summed token cross-entropy and the number of masked tokens (when `mlm` is on);
     - `logit_scale` (and `logit_bias` for the sigmoid loss): returned as outputs so that their
       gradients flow through DDP's graph.
@@ -73,10 +78,21 @@ class OneRPretrainer(nn.Module):
         joint_rows = None
         if self.objective.cmc_fraction < 1.0:
             joint_rows = max(1, math.ceil(self.objective.cmc_fraction * len(input_ids)))
-        joint_pixels = mosaic(pixel_values) if self.objective.cmc_context == "mosaic" and "joint" in self.passes else None
+        mosaic_joint = self.objective.cmc_context == "mosaic" and "joint" in self.passes
+        if "joint_negative" in self.passes and len(input_ids) < (5 if mosaic_joint else 2):
+            raise ValueError(f"joint_negatives 'shared_text' needs at least {5 if mosaic_joint else 2} pairs per "
+                             f"micro-batch (pair i+1's context must not hold image i), got {len(input_ids)}")
+        mosaics = sources = None
+        if mosaic_joint or "quad" in self.passes:
+            mosaics, sources = mosaic(pixel_values, return_sources=True)
+        joint_pixels = mosaics if mosaic_joint else None
         out = encode_pairs(self.model, input_ids, attention_mask, pixel_values, self.passes, joint_rows, joint_pixels)
         if joint_rows is not None and "joint" in out:
             out["joint_rows"] = torch.arange(joint_rows, device=input_ids.device)  # which pairs' mixups are CMC's targets
+        if "quad" in self.passes:
+            rows = slice(None) if joint_rows is None else slice(0, joint_rows)
+            out["quad"] = quadrant_tokens(self.model, mosaics[rows]).flatten(0, 1)
+            out["quad_sources"] = sources[rows].flatten()
         if self.mlm_head is not None:
             if mlm_input_ids is None or mlm_labels is None:
                 raise ValueError("the mlm term needs mlm_input_ids and mlm_labels (see whole_word_mask)")
@@ -105,9 +121,11 @@ def encode_pairs(
     joint_rows: int | None = None,
     joint_pixels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Normalised embeddings of the requested passes (`image`, `text`, `joint`, `cross`), each `(n, d)`;
-    the `joint` pass (full attention) only of the first `joint_rows` pairs when given, and on
-    `joint_pixels` (e.g. a [`mosaic`]) instead of `pixel_values` when given."""
+    """Normalised embeddings of the requested passes (`image`, `text`, `joint`, `cross`,
+    `joint_negative`), each `(n, d)`; the `joint` pass (full attention) only of the first
+    `joint_rows` pairs when given, and on `joint_pixels` (e.g. a [`mosaic`]) instead of
+    `pixel_values` when given. `joint_negative` is the `joint` pass of caption i over pair i+1's
+    context: the same caption without its image (with the same rows)."""
     # `model.embed` returns tensors under every transformers version; the public `get_*_features`
     # build output objects under transformers 5, which the hot path has no use for.
     out: dict[str, torch.Tensor] = {}
@@ -115,10 +133,12 @@ def encode_pairs(
         out["image"] = l2_normalize(model.embed(pixel_values=pixel_values))
     if "text" in passes:
         out["text"] = l2_normalize(model.embed(input_ids=input_ids, attention_mask=attention_mask))
-    for name, cross in (("joint", False), ("cross", True)):
+    for name, cross in (("joint", False), ("cross", True), ("joint_negative", False)):
         if name in passes:
             rows = slice(None) if cross or joint_rows is None else slice(0, joint_rows)
-            pixels = joint_pixels if name == "joint" and joint_pixels is not None else pixel_values
+            pixels = joint_pixels if name != "cross" and joint_pixels is not None else pixel_values
+            if name == "joint_negative":
+                pixels = pixels.roll(-1, dims=0)  # row i: pair i+1's context
             out[name] = l2_normalize(
                 model.embed(
                     input_ids=input_ids[rows],
@@ -128,6 +148,15 @@ def encode_pairs(
                 )
             )
     return out
+
+
+def quadrant_tokens(model: nn.Module, mosaics: torch.Tensor) -> torch.Tensor:
+    """`(n, c, h, w)` mosaics encoded as images -> `(n, 4, k, d)`: each quadrant's `k` patch tokens
+    through the shared head (as `get_patch_features`, the map the pointing game reads), not normalised;
+    the objective pools them (`oner.objectives.region_logits`)."""
+    num_patches = model.config.num_patches
+    hidden = model.forward_features(pixel_values=mosaics).last_hidden_state
+    return quadrant_patches(model.project(hidden[:, 1 : 1 + num_patches]), math.isqrt(num_patches))
 
 
 class EMATarget(nn.Module):

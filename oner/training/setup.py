@@ -48,6 +48,7 @@ from .tracking import TrainingLog
 # Settings that must match between a checkpoint and the run resuming it.
 RESUME_MUST_MATCH = ("preset", "config_overrides", "architecture", "objective", "per_device_batch_size", "accum_freq",
                      "pairwise_loss", "xmc_form", "cmc_context", "cmc_fraction", "temperature",
+                     "cmc_target", "joint_negatives", "joint_margin", "quad_pooling",
                      "model_name_or_path", "revision")
 
 
@@ -149,6 +150,10 @@ def objective_config(args) -> ObjectiveConfig:
         cmc_fraction=args.cmc_fraction,
         temperature=args.temperature,
         cmc_context=args.cmc_context,
+        cmc_target=args.cmc_target,
+        joint_negatives=args.joint_negatives,
+        joint_margin=args.joint_margin,
+        quad_pooling=args.quad_pooling,
     )
 
 

@@ -22,7 +22,9 @@ import torch
 from oner.objectives import Objective
 
 # Outputs that are per-sample embeddings (concatenated across micro-batches).
-_FEATURE_KEYS = ("image", "text", "joint", "cross")
+_FEATURE_KEYS = ("image", "text", "joint", "cross", "joint_negative", "quad")
+# Outputs that index rows of the micro-batch (shifted to rows of the whole step when concatenated).
+_INDEX_KEYS = ("joint_rows", "quad_sources")
 _SCALAR_KEYS = ("logit_scale", "logit_bias")
 
 
@@ -91,10 +93,11 @@ def _cached_forward_backward(model, objective, micro_batches, accelerator, ema):
     keys = [k for k in _FEATURE_KEYS if k in cached[0]]
     leaves = {k: torch.cat([c[k] for c in cached]).detach().requires_grad_(True) for k in keys}
     sizes = {k: [len(c[k]) for c in cached] for k in keys}  # rows per micro-batch (joint: a fraction)
-    if "joint_rows" in cached[0]:  # which rows of the whole step the joint pass covered
-        starts = [0] + [len(b["input_ids"]) for b in micro_batches][:-1]
-        offsets = torch.tensor(starts, device=device).cumsum(0)
-        leaves["joint_rows"] = torch.cat([c["joint_rows"] + o for c, o in zip(cached, offsets)])
+    starts = [0] + [len(b["input_ids"]) for b in micro_batches][:-1]
+    offsets = torch.tensor(starts, device=device).cumsum(0)
+    for k in _INDEX_KEYS:  # e.g. which rows of the whole step the joint pass covered
+        if k in cached[0]:
+            leaves[k] = torch.cat([c[k] + o for c, o in zip(cached, offsets)])
     for k in _SCALAR_KEYS:
         if k in cached[0]:
             leaves[k] = cached[0][k].detach().clone().requires_grad_(True)
