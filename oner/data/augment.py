@@ -401,7 +401,7 @@ def _luma(x):
 
 def _color_jitter(x, params: Sequence[AugmentParams]):
     """Brightness, contrast and saturation in each sample's own order, as `ImageEnhance` computes
-    them: a blend `f * x + (1 - f) * d` with a degenerate image d (black; the grey of the image's
+    them: a blend `d + f * (x - d)` with a degenerate image d (black; the grey of the image's
     mean luma, rounded; the image's luma), clipped and floored to integers after each operation."""
     import torch
 
@@ -414,7 +414,7 @@ def _color_jitter(x, params: Sequence[AugmentParams]):
         mean = torch.floor(grey.mean(dim=(1, 2, 3), keepdim=True) + 0.5)
         is_contrast, is_saturation = (op == 1).view(-1, 1, 1, 1), (op == 2).view(-1, 1, 1, 1)
         degenerate = grey * is_saturation + mean * is_contrast  # brightness blends with black
-        x = torch.addcmul(degenerate * (1 - f), x, f).clamp_(0, 255).floor_()
+        x = torch.addcmul(degenerate, x - degenerate, f).clamp_(0, 255).floor_()  # in PIL's order of float32 ops
     return x
 
 
