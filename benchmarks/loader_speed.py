@@ -3,9 +3,9 @@
 
 train.py's own `open_train_data` + `make_dataloader` (its flags, seed, batch size, model image
 size and processor) are built once per `--augment_backend`, then iterated in turns (pil, tensor,
-pil, tensor, ...) so both see the same machine load. Each turn reads `--batches` batches; the first
-turn of each backend decodes and caches the images (reported apart as "cold"), the others read the
-cache. No model, no training step.
+pil, tensor, ...) so both see the same machine load. A first whole epoch per backend decodes and
+caches the images (reported apart as "first pass"); then each turn reads `--batches` batches from
+the cache. No model, no training step.
 
     python benchmarks/loader_speed.py                          # train.py's defaults
     python benchmarks/loader_speed.py --train-args "--randconv_probability 0.5"
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-args", default="", help="train.py flags for both backends (default: its defaults)")
     p.add_argument("--batches", type=int, default=20, help="batches per turn")
-    p.add_argument("--turns", type=int, default=5, help="turns per backend after the cold one")
+    p.add_argument("--turns", type=int, default=5, help="turns per backend after the first pass")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--quick", action="store_true", help="a few small batches (the test)")
     args = p.parse_args(argv)
@@ -71,14 +71,14 @@ def main(argv=None) -> int:
     load_start = loadavg()
     loaders = {backend: make_loader(train_argv, backend) for backend in BACKENDS}
     batch = loaders["pil"][3].per_device_batch_size
-    cold = {b: read_batches(*loaders[b][:3], args.batches, epoch=0) for b in BACKENDS}
+    cold = {b: read_batches(*loaders[b][:3], len(loaders[b][0]), epoch=0) for b in BACKENDS}
     warm: dict[str, list[tuple[float, float]]] = {b: [] for b in BACKENDS}
     for turn in range(args.turns):
         for backend in BACKENDS:
             warm[backend].append(read_batches(*loaders[backend][:3], args.batches, epoch=turn + 1))
     pairs = {b: batch * args.batches / median([wall for wall, _ in warm[b]]) for b in BACKENDS}
     cpu_pairs = {b: batch * args.batches / median([cpu for _, cpu in warm[b]]) for b in BACKENDS}
-    cold_pairs = {b: batch * args.batches / cold[b][0] for b in BACKENDS}
+    cold_pairs = {b: batch * len(loaders[b][0]) / cold[b][0] for b in BACKENDS}
     result = {
         "machine": machine(), "loadavg_at_start": load_start, "loadavg_at_end": loadavg(),
         "command": "python benchmarks/loader_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
