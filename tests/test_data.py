@@ -662,3 +662,19 @@ def test_augment_flags_are_checked(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(flags)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_colour_changes_spare_captions_that_name_a_colour():
+    from oner.data import colour_allowed
+    from oner.data.augment import StyleAugment
+
+    assert colour_allowed(["lollipop"]) and not colour_allowed(["red apple"])
+    assert not colour_allowed(["lollipop", "waving hand: medium-light skin tone"])
+    style = StyleAugment(hue=0.5, greyscale_p=1.0, randconv_p=1.0, outline_p=1.0)
+    named = style.draw(np.random.default_rng(0), 8, allow_colour=False)
+    free = style.draw(np.random.default_rng(0), 8, allow_colour=True)
+    assert (named.hue, named.greyscale, named.randconv) == (0.0, False, None) and named.outline is not None
+    assert free.hue != 0 and free.greyscale and free.randconv is not None
+    np.testing.assert_array_equal(named.outline[2], free.outline[2])  # the outline is drawn as before
+    unguarded = StyleAugment(hue=0.5, keep_named_colours=False).draw(np.random.default_rng(0), 8, allow_colour=False)
+    assert unguarded.hue == free.hue

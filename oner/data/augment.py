@@ -30,6 +30,22 @@ _NO_FLIP = re.compile(
 )
 
 
+# Concepts named by their colour: colour words and skin tones (half of the embedded rows are skin-tone
+# variants that differ in nothing else).
+_NAMED_COLOUR = re.compile(
+    r"\b(red|orange|yellow|green|blue|purple|violet|brown|black|white|grey|gray|pink|gold|golden|silver|"
+    r"blond|blonde|skin|tone|colou?r|colou?red|rainbow)\b",
+    re.IGNORECASE,
+)
+
+
+def colour_allowed(captions: str | Sequence[str]) -> bool:
+    """False when any caption names a colour or a skin tone, which a hue change, greyscale or a
+    random convolution would change (the counterpart of `flip_allowed` for colour)."""
+    items = [captions] if isinstance(captions, str) else list(captions)
+    return not any(_NAMED_COLOUR.search(c) for c in items)
+
+
 def flip_allowed(captions: str | Sequence[str]) -> bool:
     """False when any caption names something a horizontal flip would change (left/right, arrows,
     text or digits, clocks, flags, pointing hands, ...)."""
@@ -223,7 +239,9 @@ class StyleAugment:
     (RandConv, Xu et al., ICLR 2021: kernel size drawn from ``randconv_kernel_sizes``, weights
     N(0, 1/(3 k^2)), output ``a * x + (1 - a) * conv(x)`` with ``a ~ U(0, 1)`` on the normalised
     image, clamped to the range of real pixels); ``outline_p``: probability of a dark, broken outline
-    along colour edges (ours: OpenMoji draws black outlines, Twemoji none).
+    along colour edges (ours: OpenMoji draws black outlines, Twemoji none). With
+    ``keep_named_colours`` the colour-changing ones (hue, greyscale, RandConv) leave alone a sample
+    whose captions name a colour or skin tone (`colour_allowed`), as flips leave mirrored meanings.
     """
 
     hue: float = 0.0
@@ -231,6 +249,7 @@ class StyleAugment:
     randconv_p: float = 0.0
     randconv_kernel_sizes: tuple[int, ...] = (1, 3, 5, 7)
     outline_p: float = 0.0
+    keep_named_colours: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.hue <= 0.5:
@@ -245,9 +264,17 @@ class StyleAugment:
     def active(self) -> bool:
         return bool(self.hue or self.greyscale_p or self.randconv_p or self.outline_p)
 
-    def draw(self, rng: np.random.Generator, size: int) -> StyleParams:
+    def draw(self, rng: np.random.Generator, size: int, allow_colour: bool = True) -> StyleParams:
         """One sample's style draws for a `size` x `size` output. Each augmentation draws from its own
-        stream (one number from `rng` seeds them all), so turning one on changes no other's draws."""
+        stream (one number from `rng` seeds them all), so turning one on changes no other's draws.
+        `allow_colour=False` (a caption names a colour) turns hue, greyscale and RandConv off for
+        this sample (with `keep_named_colours`)."""
+        params = self._draw(rng, size)
+        if allow_colour or not self.keep_named_colours:
+            return params
+        return StyleParams(hue=0.0, greyscale=False, randconv=None, outline=params.outline)
+
+    def _draw(self, rng: np.random.Generator, size: int) -> StyleParams:
         root = int(rng.integers(0, 2**63))
         hue = greyscale = 0.0
         randconv = outline = None
@@ -340,8 +367,11 @@ class TensorAugment:
     def draw_image(self, rng: np.random.Generator, source_size: tuple[int, int], allow_flip: bool) -> AugmentParams | None:
         return None if self.image_augment is None else self.image_augment.draw(rng, *source_size, allow_flip=allow_flip)
 
-    def draw_style(self, rng: np.random.Generator) -> StyleParams | None:
-        return None if self.style is None else self.style.draw(rng, self.size)
+    def draw_style(self, rng: np.random.Generator, captions: Sequence[str] = ()) -> StyleParams | None:
+        """The style draws of a sample with these captions (see `StyleAugment.draw`)."""
+        if self.style is None:
+            return None
+        return self.style.draw(rng, self.size, allow_colour=colour_allowed(captions))
 
     def __call__(self, pixels, draws: Sequence[SampleDraws], mean: Sequence[float], std: Sequence[float],
                  rescale: float = 1 / 255):

@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "ICLR 2021; tensor backend)")
     g.add_argument("--outline_probability", type=float, default=0.0,
                    help="images given a dark, broken outline along colour edges (tensor backend) [ours]")
+    _flag(g, "--style_keeps_named_colours", True,
+          "hue, greyscale and RandConv leave alone the pairs whose captions name a colour or skin tone [ours]")
     g.add_argument("--caption_mask_probability", type=float, default=0.0,
                    help="words of the training caption replaced by [MASK] as augmentation [code]")
     g.add_argument("--dataloader_num_workers", type=int, default=0,

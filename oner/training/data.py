@@ -123,7 +123,7 @@ def augmented(sample: dict, image_augment: ImageAugment | None, text_augment: Te
         image_draws = tensor_augment.draw_image(rng, sample["source_size"], allow_flip)
         if text_augment is not None:
             text = text_augment(sample, rng=rng)
-        draws = SampleDraws(sample["source_size"], image_draws, tensor_augment.draw_style(rng))
+        draws = SampleDraws(sample["source_size"], image_draws, tensor_augment.draw_style(rng, sample["captions"]))
         return {"pixels": sample["pixels"], "draws": draws, "text": text, "captions": [text]}
     image = sample["image"]
     if image_augment is not None:
@@ -230,7 +230,7 @@ def open_train_data(args, seed: int, image_size: int, rank: int = 0, world_size:
 
 # train.py flag -> StyleAugment field
 STYLE_FLAGS = {"hue_jitter": "hue", "greyscale_probability": "greyscale_p", "randconv_probability": "randconv_p",
-               "outline_probability": "outline_p"}
+               "outline_probability": "outline_p", "style_keeps_named_colours": "keep_named_colours"}
 
 
 def style_augment(args) -> StyleAugment:
