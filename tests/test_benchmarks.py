@@ -112,3 +112,10 @@ def test_loop_speed_quick(tmp_path, small_embedded):
     assert data["bare_pairs_per_s"] > 0 and data["loop_pairs_per_s"] > 0 and data["loop"]["loader_pairs_per_s"] > 0
     assert data["bare_step"]["flops_per_step"] > 0 and 0 < data["fraction_of_peak"]
     assert "loop / bare step" in (tmp_path / "loop_speed.md").read_text()
+
+
+def test_loader_speed_quick(tmp_path, small_embedded):
+    _run(["benchmarks/loader_speed.py", "--quick", "--out", str(tmp_path)], env={"ONER_DATA_HOME": str(small_embedded)})
+    data = json.loads((tmp_path / "loader_speed.json").read_text())
+    assert set(data["pairs_per_s"]) == {"pil", "tensor"} and min(data["pairs_per_s"].values()) > 0
+    assert data["tensor_over_pil"] > 0 and "tensor / pil" in (tmp_path / "loader_speed.md").read_text()

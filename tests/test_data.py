@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import io
 import json
 import tarfile
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from oner.data import (
     DAMAGE_KINDS,
@@ -444,3 +445,236 @@ def test_counts_made_in_dataloader_workers_reach_the_main_process(tmp_path):
     kept = sum(len(b["input_ids"]) for b in loader if b is not None)
     d = ds.stats.as_dict()
     assert kept == 4 and d["ok"] == 4 and d["empty_file"] == 1 and d["not_an_image"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# The batched tensor backend (--augment_backend tensor) against the PIL backend
+# ------------------------------------------------------------------------------------------------
+
+
+def _both_backends(images, size, n, image_augment, captions=None):
+    """Each of `n` draws (seeded (0, 0, i), as AugmentedPairs seeds them) through both backends:
+    PIL uint8 `(n, 3, size, size)` and the tensor backend's pixels in 0..255 (mean 0, std 1, rescale 1)."""
+    from oner.data.augment import SampleDraws, TensorAugment
+
+    tensor = TensorAugment(size, image_augment)
+    pil, pixels, draws = [], [], []
+    for i in range(n):
+        image = images[i % len(images)]
+        allow = flip_allowed(captions[i % len(captions)]) if captions else True
+        cached, source_size = tensor.to_pixels(image)
+        pixels.append(cached)
+        draws.append(SampleDraws(source_size, tensor.draw_image(np.random.default_rng([0, 0, i]), source_size, allow), None))
+        pil.append(np.asarray(image_augment(image, allow_flip=allow, rng=np.random.default_rng([0, 0, i]))))
+    pil = torch.from_numpy(np.stack(pil)).permute(0, 3, 1, 2).float()
+    return pil, tensor(torch.stack(pixels), draws, [0.0] * 3, [1.0] * 3, rescale=1.0)
+
+
+def _ramp_image(width=60, height=40) -> Image.Image:
+    """R grows left to right, G top to bottom: an output's pixels tell which box it was cropped from."""
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    return Image.fromarray(np.stack([x, y, np.full_like(x, 128)], -1).round().astype(np.uint8))
+
+
+def _crop_estimates(batch, width=60, height=40):
+    """(area fraction, aspect, mirrored) of each output of `_ramp_image`, read from its ramps."""
+    out = batch.shape[-1]
+    r, g = batch[:, 0], batch[:, 1]
+    dx = (r[:, :, -1] - r[:, :, 0]).mean(1)  # signed: negative when mirrored
+    dy = (g[:, -1, :] - g[:, 0, :]).mean(1)
+    w = dx.abs() / 255 * (width - 1) * out / (out - 1)
+    h = dy / 255 * (height - 1) * out / (out - 1)
+    return (w * h / (width * height)).numpy(), (w / h).numpy(), (dx < 0).numpy()
+
+
+def test_tensor_backend_crops_and_flips_as_pil_does():
+    """Crop area, aspect and flip rate, read back from the output pixels, follow the same
+    distribution in both backends (and each output matches its PIL twin), flips only where allowed."""
+    aug = ImageAugment(24, color_jitter=0.0, blur_p=0.0)
+    captions = ["red apple", "left arrow"]  # every second sample may not be mirrored
+    pil, tensor = _both_backends([_ramp_image()], 24, 400, aug, captions)
+    (area_p, aspect_p, flip_p), (area_t, aspect_t, flip_t) = _crop_estimates(pil), _crop_estimates(tensor)
+    assert 0.55 < area_p.min() and area_p.max() < 1.05 and 0.7 < aspect_p.min() and aspect_p.max() < 1.4
+    for p, t in ((area_p, area_t), (np.log(aspect_p), np.log(aspect_t))):
+        assert abs(p.mean() - t.mean()) < 0.01 and abs(p.std() - t.std()) < 0.01
+        assert np.abs(np.quantile(p, [0.1, 0.5, 0.9]) - np.quantile(t, [0.1, 0.5, 0.9])).max() < 0.02
+        assert np.abs(p - t).max() < 0.05  # sample by sample, too
+    assert not flip_p[1::2].any() and not flip_t[1::2].any()
+    assert 0.4 < flip_t[::2].mean() < 0.6 and np.array_equal(flip_p, flip_t)
+
+
+def test_tensor_backend_colour_statistics_match_pil(small_build):
+    """Brightness, contrast and saturation of jittered, blurred crops of the embedded emoji: the same
+    distribution in both backends; pixel by pixel within resampling error."""
+    ds = load_image_text_dataset(str(small_build / "twemoji"))
+    images = [ds[i]["image"] for i in range(len(ds))]
+    aug = ImageAugment(32, color_jitter=0.4, blur_p=0.3)
+    pil, tensor = _both_backends(images, 32, 300, aug)
+
+    def stats(x):
+        return {"brightness": x.mean((1, 2, 3)), "contrast": x.std((1, 2, 3)),
+                "saturation": (x.amax(1) - x.amin(1)).mean((1, 2))}
+
+    for name, p in stats(pil).items():
+        t = stats(tensor)[name]
+        assert abs(p.mean() - t.mean()) < 1.5, name  # of 255
+        assert abs(p.std() - t.std()) < 0.05 * p.std(), name
+        assert (p - t).abs().mean() < 1.5, name
+    assert (pil - tensor).abs().mean() < 3.0  # resampling differences at edges only
+
+
+def test_tensor_backend_colour_jitter_is_pils_arithmetic():
+    from oner.data.augment import AugmentParams, _color_jitter
+
+    rng = np.random.default_rng(1)
+    arrays = rng.integers(0, 256, (16, 12, 12, 3), dtype=np.uint8)
+    params, expected = [], []
+    for a in arrays:
+        order, factors = tuple(int(i) for i in rng.permutation(3)), tuple(float(f) for f in rng.uniform(0.3, 1.7, 3))
+        params.append(AugmentParams((0, 0, 12, 12), False, (order, factors), None))
+        image = Image.fromarray(a)
+        for i in order:
+            image = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[i](image).enhance(factors[i])
+        expected.append(np.asarray(image))
+    got = _color_jitter(torch.from_numpy(arrays).permute(0, 3, 1, 2).float(), params)
+    assert np.array_equal(got.permute(0, 2, 3, 1).numpy(), np.stack(expected))
+
+
+def test_tensor_backend_without_augmentation_is_the_processor(tiny_processor):
+    from oner.data.augment import SampleDraws, TensorAugment
+
+    rng = np.random.default_rng(0)
+    square = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(3)]
+    wide = [Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)), _ramp_image()]
+    tensor = TensorAugment(tiny_processor.image_size)
+    images = tiny_processor.image_processor
+    for batch, atol in ((square, 1e-5), (wide, None)):
+        cached = [tensor.to_pixels(image) for image in batch]
+        pixels = torch.stack([p for p, _ in cached])
+        draws = [SampleDraws(size, tensor.draw_image(rng, size, True), tensor.draw_style(rng)) for _, size in cached]
+        got = tensor(pixels, draws, images.image_mean, images.image_std, images.rescale_factor)
+        expected = tiny_processor(images=batch)["pixel_values"]
+        assert got.shape == expected.shape == (len(batch), 3, 16, 16)
+        if atol:
+            torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+        else:  # the processor resizes, then crops; the cache crops, then resizes
+            assert (got - expected).abs().mean() < 0.05
+
+
+def _style_batch(style, n=6, size=16, seed=0):
+    from oner.data.augment import SampleDraws, StyleAugment, TensorAugment
+
+    images = [_asymmetric_image(), Image.new("RGB", (20, 20), (250, 200, 30))] * (n // 2)
+    tensor = TensorAugment(size, ImageAugment(size), StyleAugment(**style))
+    pixels, draws = [], []
+    for i, image in enumerate(images):
+        cached, source = tensor.to_pixels(image)
+        rng = np.random.default_rng([seed, 0, i])
+        pixels.append(cached)
+        draws.append(SampleDraws(source, tensor.draw_image(rng, source, True), tensor.draw_style(rng)))
+    mean, std = [0.5, 0.4, 0.3], [0.25, 0.25, 0.25]
+    return tensor(torch.stack(pixels), draws, mean, std), torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("style", [{"hue": 0.5}, {"greyscale_p": 1.0}, {"randconv_p": 1.0}, {"outline_p": 1.0}])
+def test_style_augmentations(style):
+    """Each style switch: the batch keeps its shape, equals itself for the same seeds, changes with
+    the seed, differs from the switch off, and is the switch off at strength 0."""
+    off, mean, std = _style_batch({})
+    on = _style_batch(style)[0]
+    assert on.shape == off.shape == (6, 3, 16, 16)
+    assert torch.equal(on, _style_batch(style)[0]) and not torch.equal(on, _style_batch(style, seed=1)[0])
+    assert not torch.equal(on, off)
+    assert torch.equal(_style_batch({name: 0.0 for name in style})[0], off)
+    real = on * std + mean  # back to [0, 1]
+    assert real.min() >= -1e-5 and real.max() <= 1 + 1e-5
+    if "greyscale_p" in style:
+        assert torch.allclose(real[:, 0], real[:, 1], atol=1e-5) and torch.allclose(real[:, 1], real[:, 2], atol=1e-5)
+    if "outline_p" in style:  # a flat image has no edge to outline
+        assert torch.equal(on[1::2], off[1::2]) and not torch.equal(on[0::2], off[0::2])
+
+
+def test_style_augment_rejects_bad_strengths():
+    from oner.data.augment import StyleAugment
+
+    with pytest.raises(ValueError, match="hue"):
+        StyleAugment(hue=0.7)
+    with pytest.raises(ValueError, match="randconv_p"):
+        StyleAugment(randconv_p=1.5)
+    with pytest.raises(ValueError, match="randconv_kernel_sizes"):
+        StyleAugment(randconv_kernel_sizes=(2,))
+
+
+def _train_args(data: str, **extra):
+    from oner.training.args import parse_args
+
+    flags = ["--train_data", data, "--augment_backend", "tensor"]
+    for name, value in extra.items():
+        flags += [f"--{name}", str(value)]
+    return parse_args(flags)
+
+
+def test_tensor_backend_loader_is_independent_of_workers(small_build, tiny_processor):
+    """The map-style loader: batches of the processor's shapes, the same captions as the PIL backend
+    draws, and the same batches with 0 or 2 loader workers."""
+    from oner.training.data import make_dataloader, open_train_data
+
+    data = str(small_build / "twemoji")
+
+    def first_batches(num_workers, backend="tensor"):
+        args = _train_args(data, randconv_probability=0.5, greyscale_probability=0.5, augment_backend=backend) \
+            if backend == "tensor" else _train_args(data, augment_backend="pil")
+        dataset = open_train_data(args, seed=3, image_size=16)
+        loader, sampler = make_dataloader(dataset, tiny_processor, 4, seed=3, num_workers=num_workers)
+        sampler.set_epoch(1)
+        dataset.set_epoch(1)
+        return list(itertools.islice(loader, 2))
+
+    quiet, workers, pil = first_batches(0), first_batches(2), first_batches(0, "pil")
+    for a, b, c in zip(quiet, workers, pil):
+        assert a["pixel_values"].shape == c["pixel_values"].shape == (4, 3, 16, 16)
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["input_ids"], b["input_ids"])
+        assert torch.equal(a["input_ids"], c["input_ids"])  # the same captions drawn
+    assert not torch.equal(quiet[0]["pixel_values"], quiet[1]["pixel_values"])
+
+
+def test_tensor_backend_streams(tmp_path, tiny_processor):
+    from oner.training.data import make_stream_loader, open_train_data
+
+    _write_shards(tmp_path / "wds", n_shards=2, per_shard=6)
+    stream = open_train_data(_train_args(str(tmp_path / "wds"), outline_probability=1.0), seed=0, image_size=16)
+    batches = list(make_stream_loader(stream, tiny_processor, batch_size=4, num_workers=0))
+    assert len(batches) == 3 and all(b["pixel_values"].shape == (4, 3, 16, 16) for b in batches)
+    assert sorted(k for b in batches for k in b["sample_keys"]) == sorted(f"s{s}_{i:03d}" for s in range(2) for i in range(6))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--randconv_probability", "0.5"], "add --augment_backend tensor"),
+    (["--augment_backend", "tensor", "--greyscale_probability", "2"], "--greyscale_probability must be a probability"),
+    (["--augment_backend", "tensor", "--hue_jitter", "0.8"], "--hue_jitter must be in"),
+    (["--color_jitter", "1"], "--color_jitter must be in"),
+    (["--augment_backend", "numpy"], "invalid choice"),
+])
+def test_augment_flags_are_checked(flags, message, capsys):
+    from oner.training.args import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_colour_changes_spare_captions_that_name_a_colour():
+    from oner.data import colour_allowed
+    from oner.data.augment import StyleAugment
+
+    assert colour_allowed(["lollipop"]) and not colour_allowed(["red apple"])
+    assert not colour_allowed(["lollipop", "waving hand: medium-light skin tone"])
+    style = StyleAugment(hue=0.5, greyscale_p=1.0, randconv_p=1.0, outline_p=1.0)
+    named = style.draw(np.random.default_rng(0), 8, allow_colour=False)
+    free = style.draw(np.random.default_rng(0), 8, allow_colour=True)
+    assert (named.hue, named.greyscale, named.randconv) == (0.0, False, None) and named.outline is not None
+    assert free.hue != 0 and free.greyscale and free.randconv is not None
+    np.testing.assert_array_equal(named.outline[2], free.outline[2])  # the outline is drawn as before
+    unguarded = StyleAugment(hue=0.5, keep_named_colours=False).draw(np.random.default_rng(0), 8, allow_colour=False)
+    assert unguarded.hue == free.hue

@@ -5,7 +5,8 @@ Public API (imported lazily so that ``import oner.data`` stays cheap):
 - ``build_embedded_dataset(root=None, seed=0, progress=True, limit=None) -> Path``
 - ``load_image_text_dataset(source, *, image_column=None, text_column=None, split="train", streaming=None)``
 - ``ImageTextCollator(processor, image_transform=None, text_transform=None, stats=None)``
-- ``ImageAugment``, ``TextAugment``, ``flip_allowed``
+- ``ImageAugment``, ``TextAugment``, ``flip_allowed``, ``colour_allowed``
+- ``TensorAugment``, ``StyleAugment``: the batched augmentation backend and its style augmentations
 - ``DataStats``, ``DAMAGE_KINDS``
 - ``load_concepts``
 """
@@ -28,6 +29,9 @@ _EXPORTS = {
     "ImageAugment": "augment",
     "TextAugment": "augment",
     "flip_allowed": "augment",
+    "colour_allowed": "augment",
+    "TensorAugment": "augment",
+    "StyleAugment": "augment",
     "DataStats": "stats",
     "DAMAGE_KINDS": "stats",
     "Concept": "concepts",

@@ -112,6 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "skin-tone variants are half its rows but 5 recolourings of ~400 concepts)")
     _flag(g, "--image_augment", True, "random resized crop, flip where meaning allows, colour jitter, blur")
     _flag(g, "--text_augment", True, "pick one of a pair's captions and whole-word-mask it (see --caption_mask_probability)")
+    g.add_argument("--augment_backend", default="pil", choices=("pil", "tensor"),
+                   help="pil: each image augmented with PIL as it is loaded; tensor: images cached as uint8 tensors and "
+                   "each batch cropped, flipped, jittered and normalised at once (the same draws; needed by the style "
+                   "augmentations below)")
+    g.add_argument("--color_jitter", type=float, default=0.2,
+                   help="brightness, contrast and saturation factors drawn from [1 - x, 1 + x] (--image_augment)")
+    g.add_argument("--hue_jitter", type=float, default=0.0,
+                   help="hue rotation drawn from [-x, x] turns, 0.5 = any hue (tensor backend) [ours]")
+    g.add_argument("--greyscale_probability", type=float, default=0.0, help="images made grey (tensor backend)")
+    g.add_argument("--randconv_probability", type=float, default=0.0,
+                   help="images passed through a random convolution mixed with themselves (RandConv, Xu et al. "
+                   "ICLR 2021; tensor backend)")
+    g.add_argument("--outline_probability", type=float, default=0.0,
+                   help="images given a dark, broken outline along colour edges (tensor backend) [ours]")
+    _flag(g, "--style_keeps_named_colours", True,
+          "hue, greyscale and RandConv leave alone the pairs whose captions name a colour or skin tone [ours]")
     g.add_argument("--caption_mask_probability", type=float, default=0.0,
                    help="words of the training caption replaced by [MASK] as augmentation [code]")
     g.add_argument("--dataloader_num_workers", type=int, default=0,
@@ -336,6 +352,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("--shuffle_buffer must be >= 1")
     if args.dataloader_num_workers < 0:
         parser.error("--dataloader_num_workers must be >= 0")
+    _validate_augment(parser, args)
     try:
         args.model_overrides = parse_overrides(args.config_overrides)
     except ValueError as e:
@@ -363,6 +380,20 @@ def _validate_eval(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             resolve_suites(args.eval_suite_names)
         except BenchmarkError as e:
             parser.error(f"--eval_suites: {e}")
+
+
+def _validate_augment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 0 <= args.color_jitter < 1:
+        parser.error(f"--color_jitter must be in [0, 1), got {args.color_jitter}")
+    if not 0 <= args.hue_jitter <= 0.5:
+        parser.error(f"--hue_jitter must be in [0, 0.5] turns, got {args.hue_jitter}")
+    style = ("hue_jitter", "greyscale_probability", "randconv_probability", "outline_probability")
+    for name in style[1:]:
+        if not 0 <= getattr(args, name) <= 1:
+            parser.error(f"--{name} must be a probability in [0, 1], got {getattr(args, name)}")
+    asked = [f"--{name}" for name in style if getattr(args, name)]
+    if asked and args.augment_backend != "tensor":
+        parser.error(f"{', '.join(asked)}: the style augmentations run in the batched path; add --augment_backend tensor")
 
 
 def parse_overrides(text: str | None) -> dict:

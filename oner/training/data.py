@@ -1,6 +1,11 @@
 """Training-side data adapter around `oner.data`: per-sample seeded augmentation, an epoch sampler
 for map-style data, and `StreamingPairs` for shards streamed without conversion.
 
+Two augmentation backends (`--augment_backend`): `pil` augments each sample with PIL in
+`__getitem__` and the processor converts the batch; `tensor` keeps each image as a uint8 tensor of
+one size (cached for map-style data), draws the same per-sample choices in `__getitem__`, and
+`TensorBatchCollator` augments and normalises the whole batch at once (`oner.data.TensorAugment`).
+
 Why not hand `ImageAugment`/`TextAugment` to the collator directly: their random generators would
 advance inside DataLoader workers (copies) and be skipped over by `skip_first_batches`, so a
 resumed run would see different augmentations. Here each sample's randomness is a pure function of
@@ -17,7 +22,9 @@ import numpy as np
 import torch
 
 from oner.data import ImageAugment, ImageTextCollator, TextAugment, flip_allowed, load_image_text_dataset
+from oner.data.augment import SampleDraws, StyleAugment, TensorAugment
 from oner.data.pairs import DamagedSample, make_sample
+from oner.data.stats import DataStats
 
 
 # Decoded samples kept in memory, per loading process, up to this many bytes of pixels: the embedded
@@ -30,8 +37,10 @@ class AugmentedPairs(torch.utils.data.Dataset):
     """Wraps a map-style `ImageTextDataset`; item `i` of epoch `e` is augmented with RNG `(seed, e, i)`.
 
     Items are `{"image": PIL, "text": str, "captions": [str]}` or `None` for a damaged sample (the
-    collator drops and counts it). Decoded samples are cached (see `DECODED_CACHE_BYTES`); damaged
-    ones are not, so each visit counts them again, as without the cache.
+    collator drops and counts it). With `tensor_augment` (the tensor backend; `image_augment` is then
+    unused) items are `{"pixels": uint8 (3, S, S), "draws": SampleDraws, "text", "captions"}` for
+    `TensorBatchCollator`. Decoded samples (or their uint8 pixels) are cached (see
+    `DECODED_CACHE_BYTES`); damaged ones are not, so each visit counts them again, as without the cache.
     """
 
     def __init__(
@@ -41,10 +50,12 @@ class AugmentedPairs(torch.utils.data.Dataset):
         text_augment: TextAugment | None,
         seed: int = 0,
         limit: int | None = None,
+        tensor_augment: TensorAugment | None = None,
     ):
         self.dataset = dataset
         self.image_augment = image_augment
         self.text_augment = text_augment
+        self.tensor_augment = tensor_augment
         self.seed = int(seed)
         self.epoch = 0
         self.length = len(dataset) if limit is None else min(int(limit), len(dataset))
@@ -68,10 +79,11 @@ class AugmentedPairs(torch.utils.data.Dataset):
             self.stats.record("ok")  # counted per visit, as an uncached read does
         else:
             sample = self.dataset[index]
+            if sample is not None and self.tensor_augment is not None:
+                sample = with_pixels(sample, self.tensor_augment)
             if sample is not None and self._decoded_bytes < DECODED_CACHE_BYTES:
-                width, height = sample["image"].size
                 self._decoded[index] = sample
-                self._decoded_bytes += width * height * len(sample["image"].getbands())
+                self._decoded_bytes += _pixel_bytes(sample)
         return sample
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
@@ -83,18 +95,81 @@ class AugmentedPairs(torch.utils.data.Dataset):
         if allow_flip is None:
             allow_flip = self._flip_allowed[index] = flip_allowed(sample["captions"])
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        return augmented(sample, self.image_augment, self.text_augment, allow_flip, rng)
+        return augmented(sample, self.image_augment, self.text_augment, allow_flip, rng, self.tensor_augment)
+
+
+def with_pixels(sample: dict, tensor_augment: TensorAugment) -> dict:
+    """A decoded sample with its image replaced by the tensor backend's uint8 pixels and source size."""
+    pixels, source_size = tensor_augment.to_pixels(sample["image"])
+    return {"pixels": pixels, "source_size": source_size, "text": sample["text"], "captions": sample["captions"]}
+
+
+def _pixel_bytes(sample: dict) -> int:
+    if "pixels" in sample:
+        return sample["pixels"].numel()
+    width, height = sample["image"].size
+    return width * height * len(sample["image"].getbands())
 
 
 def augmented(sample: dict, image_augment: ImageAugment | None, text_augment: TextAugment | None,
-              allow_flip: bool, rng: np.random.Generator) -> dict[str, Any]:
-    """`{"image", "text", "captions"}` of a decoded sample after its augmentations, drawn from `rng`."""
-    image, text = sample["image"], sample["text"]
+              allow_flip: bool, rng: np.random.Generator, tensor_augment: TensorAugment | None = None) -> dict[str, Any]:
+    """A decoded sample after its augmentations, all drawn from `rng`: `{"image", "text", "captions"}`,
+    or with `tensor_augment` (the sample from `with_pixels`) `{"pixels", "draws", "text", "captions"}`,
+    the image augmented later with its batch. Both backends draw the image's choices, then the
+    caption's, from the same stream (the tensor backend's style draws come last), so they pick the
+    same crops, flips, jitter and captions."""
+    text = sample["text"]
+    if tensor_augment is not None:
+        image_draws = tensor_augment.draw_image(rng, sample["source_size"], allow_flip)
+        if text_augment is not None:
+            text = text_augment(sample, rng=rng)
+        draws = SampleDraws(sample["source_size"], image_draws, tensor_augment.draw_style(rng, sample["captions"]))
+        return {"pixels": sample["pixels"], "draws": draws, "text": text, "captions": [text]}
+    image = sample["image"]
     if image_augment is not None:
         image = image_augment(image, allow_flip=allow_flip, rng=rng)
     if text_augment is not None:
         text = text_augment(sample, rng=rng)
     return {"image": image, "text": text, "captions": [text]}
+
+
+class TensorBatchCollator:
+    """Batch the tensor backend's items: drop `None` (counted as `dropped_in_collate`), augment and
+    normalise all images at once with `tensor_augment` (the processor's mean, std and rescale), and
+    tokenise all captions in one processor call. Streams' items add `"sample_keys"`. Returns `None`
+    when every sample of the batch was damaged (the loop skips that step)."""
+
+    def __init__(self, processor, tensor_augment: TensorAugment, stats: DataStats | None = None):
+        self.processor = processor
+        self.tensor_augment = tensor_augment
+        self.stats = stats if stats is not None else DataStats()
+        images = processor.image_processor
+        self.mean, self.std = list(images.image_mean), list(images.image_std)
+        self.rescale = float(images.rescale_factor)
+
+    def __call__(self, samples):
+        good = []
+        for sample in samples:
+            if sample is None:
+                self.stats.record("dropped_in_collate")
+            else:
+                good.append(sample)
+        if not good:
+            return None
+        batch = self.processor(text=[s["text"] for s in good], return_tensors="pt", padding=True, truncation=True)
+        pixels = torch.stack([s["pixels"] for s in good])
+        batch["pixel_values"] = self.tensor_augment(pixels, [s["draws"] for s in good], self.mean, self.std,
+                                                    self.rescale)
+        if all("key" in s for s in good):
+            batch["sample_keys"] = [s["key"] for s in good]
+        return batch
+
+
+def make_collator(dataset, processor):
+    """The collator for `dataset`'s backend: `TensorBatchCollator` or the processor's `ImageTextCollator`."""
+    if getattr(dataset, "tensor_augment", None) is not None:
+        return TensorBatchCollator(processor, dataset.tensor_augment, stats=dataset.stats)
+    return ImageTextCollator(processor, stats=dataset.stats)
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -132,22 +207,39 @@ def open_train_data(args, seed: int, image_size: int, rank: int = 0, world_size:
         args.train_data, image_column=args.image_column, text_column=args.text_column, streaming=args.streaming,
         config_name=args.dataset_config_name, revision=args.dataset_revision,
     )
-    image_augment = ImageAugment(size=image_size, seed=seed) if args.image_augment else None
+    jitter = {"color_jitter": args.color_jitter} if getattr(args, "color_jitter", None) is not None else {}
+    image_augment = ImageAugment(size=image_size, seed=seed, **jitter) if args.image_augment else None
     text_augment = (
         TextAugment(alias_choice=True, whole_word_mask_p=args.caption_mask_probability, seed=seed)
         if args.text_augment
         else None
     )
+    tensor_augment = None
+    if getattr(args, "augment_backend", "pil") == "tensor":
+        tensor_augment = TensorAugment(image_size, image_augment, style_augment(args))
+        image_augment = None  # its draws live on in tensor_augment
     if isinstance(source, torch.utils.data.IterableDataset):
-        return open_stream(source, args, seed, image_augment, text_augment, rank, world_size)
+        return open_stream(source, args, seed, image_augment, text_augment, rank, world_size, tensor_augment)
     if len(source) == 0:
         raise ValueError(f"{args.train_data} holds no image-text pairs")
     if args.train_filter:
         source = filter_rows(source, args.train_filter, args.train_data)
-    return AugmentedPairs(source, image_augment, text_augment, seed=seed, limit=args.max_train_samples)
+    return AugmentedPairs(source, image_augment, text_augment, seed=seed, limit=args.max_train_samples,
+                          tensor_augment=tensor_augment)
 
 
-def open_stream(source, args, seed, image_augment, text_augment, rank: int, world_size: int) -> StreamingPairs:
+# train.py flag -> StyleAugment field
+STYLE_FLAGS = {"hue_jitter": "hue", "greyscale_probability": "greyscale_p", "randconv_probability": "randconv_p",
+               "outline_probability": "outline_p", "style_keeps_named_colours": "keep_named_colours"}
+
+
+def style_augment(args) -> StyleAugment:
+    """The style augmentations `args` ask for (each off unless its flag is set)."""
+    return StyleAugment(**{field: getattr(args, flag) for flag, field in STYLE_FLAGS.items() if hasattr(args, flag)})
+
+
+def open_stream(source, args, seed, image_augment, text_augment, rank: int, world_size: int,
+                tensor_augment: TensorAugment | None = None) -> StreamingPairs:
     """Shuffle the shard order per epoch, filter and cap the rows, and split them between processes."""
     from datasets.distributed import split_dataset_by_node
 
@@ -168,7 +260,8 @@ def open_stream(source, args, seed, image_augment, text_augment, rank: int, worl
         print(f"{args.train_data}: {stream.n_shards} shards for {world_size} processes: each process reads every "
               f"shard and keeps every {world_size}th row; a multiple of {world_size} shards reads each once")
     source.hf_dataset = split_dataset_by_node(stream, rank=rank, world_size=world_size)
-    return StreamingPairs(source, image_augment, text_augment, seed=seed, buffer_size=args.shuffle_buffer, rank=rank)
+    return StreamingPairs(source, image_augment, text_augment, seed=seed, buffer_size=args.shuffle_buffer, rank=rank,
+                          tensor_augment=tensor_augment)
 
 
 def filter_rows(dataset, spec: str, source: str):
@@ -207,16 +300,16 @@ def make_stream_loader(dataset: StreamingPairs, processor, batch_size: int, num_
         return StatefulDataLoader(
             dataset,
             batch_size=batch_size,
-            collate_fn=CountingCollator(ImageTextCollator(processor, stats=dataset.stats)),
+            collate_fn=CountingCollator(make_collator(dataset, processor)),
             drop_last=True,  # equal shapes on every rank; a rank's last partial batch waits for no one
             num_workers=num_workers,
         )
 
 
 def make_dataloader(dataset: AugmentedPairs, processor, batch_size: int, seed: int, num_workers: int):
-    """DataLoader over `dataset` with the `oner.data` collator (drops damaged samples)."""
+    """DataLoader over `dataset` with its backend's collator (drops damaged samples)."""
     sampler = EpochSampler(len(dataset), seed=seed)
-    collator = CountingCollator(ImageTextCollator(processor, stats=dataset.stats))
+    collator = CountingCollator(make_collator(dataset, processor))
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -236,11 +329,11 @@ COUNTS_KEY = "data_counts"
 
 
 class CountingCollator:
-    """`ImageTextCollator` whose batches also carry, under `COUNTS_KEY`, the data counters of the
+    """A collator (`make_collator`'s) whose batches also carry, under `COUNTS_KEY`, the data counters of the
     process that made them (a loader worker or the training process) up to and including the
     batch: `DataStats.own_counts()`, `[row, *counters]`."""
 
-    def __init__(self, collator: ImageTextCollator):
+    def __init__(self, collator: ImageTextCollator | TensorBatchCollator):
         self.collator = collator
 
     def __call__(self, samples):
@@ -310,10 +403,11 @@ class StreamingPairs(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, source, image_augment: ImageAugment | None, text_augment: TextAugment | None,
-                 seed: int = 0, buffer_size: int = 1000, rank: int = 0):
+                 seed: int = 0, buffer_size: int = 1000, rank: int = 0, tensor_augment: TensorAugment | None = None):
         self.source = source  # an oner.data ImageTextIterableDataset: columns, stats, hf_dataset
         self.image_augment = image_augment
         self.text_augment = text_augment
+        self.tensor_augment = tensor_augment  # the tensor backend (then `image_augment` is None)
         self.seed, self.rank = int(seed), int(rank)
         self.buffer_size = max(int(buffer_size), 1)
         self.epoch = 0
@@ -383,7 +477,10 @@ class StreamingPairs(torch.utils.data.IterableDataset):
         self.stats.record("ok")
         key = sample_key(row, self.source.text_column)
         rng = np.random.default_rng([self.seed, self.epoch, _key_number(key)])
-        return {**augmented(sample, self.image_augment, self.text_augment, flip_allowed(sample["captions"]), rng),
+        allow_flip = flip_allowed(sample["captions"])
+        if self.tensor_augment is not None:
+            sample = with_pixels(sample, self.tensor_augment)
+        return {**augmented(sample, self.image_augment, self.text_augment, allow_flip, rng, self.tensor_augment),
                 "key": key}
 
 
