@@ -295,7 +295,8 @@ def crash_on_step(monkeypatch, attempt: int):
     return lambda: monkeypatch.setattr(loop, "optimisation_step", real_step)
 
 
-def test_a_relaunch_continues_from_the_latest_checkpoint(pairs_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("backend", ["pil", "tensor"])
+def test_a_relaunch_continues_from_the_latest_checkpoint(pairs_dir, tmp_path, monkeypatch, capsys, backend):
     """The SAME command after a crash resumes (no flag needed) and ends on the uninterrupted run's
     weights and summary (steps and data counts); relaunched once finished it trains nothing more;
     --overwrite_output_dir starts over; other settings are refused, and nothing is deleted."""
@@ -305,7 +306,8 @@ def test_a_relaunch_continues_from_the_latest_checkpoint(pairs_dir, tmp_path, mo
     from oner.training import main
 
     # 6 batches per epoch: the crash at step 5 resumes from checkpoint-3, mid-epoch, and crosses an epoch.
-    flags = ("--max_steps", "7", "--checkpointing_steps", "3", "--objective", "xmc+cmc+mlm:0.2")
+    flags = ("--max_steps", "7", "--checkpointing_steps", "3", "--objective", "xmc+cmc+mlm:0.2",
+             "--augment_backend", backend)  # each augmentation backend resumes exactly
     whole, out = tmp_path / "whole", tmp_path / "run"
     assert main(tiny_args(pairs_dir, whole, *flags)) == 0
     undo = crash_on_step(monkeypatch, 5)
