@@ -91,7 +91,7 @@ def real_loop(train_argv: list[str], steps: int, workdir: Path) -> dict:
 
     reset_accelerate()
     out = workdir / "loop"
-    rc = main([*train_argv, "--max_steps", str(steps), "--output_dir", str(out), "--do_eval", "false",
+    rc = main([*train_argv, "--max_steps", str(steps), "--output_dir", str(out), "--overwrite_output_dir", "--do_eval", "false",
                "--report_to", "none", "--logging_steps", str(max(steps // 4, 1))])
     if rc != 0:
         raise RuntimeError(f"train.py exited with {rc}")

@@ -144,6 +144,7 @@ def train_command(flags: dict, seed: int, args, run_dir: Path) -> list[str]:
         sys.executable, str(ROOT / "train.py"),
         "--seed", str(seed),
         "--output_dir", str(run_dir),
+        "--overwrite_output_dir",  # every grid run starts fresh (a run cut short is redone whole)
         *(["--max_steps", str(args.max_steps)] if args.max_steps else ["--max_train_minutes", str(args.budget_minutes)]),
         "--report_to", "none",
         "--checkpointing_steps", "0",
