@@ -106,5 +106,6 @@ def test_matmul_speedup_is_measured():
     import torch
 
     before = torch.get_rng_state()
-    assert 0.2 < runtime.matmul_speedup(torch.float32, size=64, seconds=0.01) < 5  # fp32 against itself
+    speedup = runtime.matmul_speedup(torch.bfloat16, size=64, seconds=0.01, rounds=1)
+    assert speedup > 0 and speedup != float("inf")  # a ratio of two measured times (never asserted: noisy machines)
     assert torch.equal(torch.get_rng_state(), before)  # a resumed run's random stream is left alone
