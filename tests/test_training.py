@@ -67,6 +67,8 @@ def test_the_default_step_count_gives_way_to_a_budget_or_epochs_the_user_gives(t
 
     assert parse_args(["--max_train_minutes", "5"]).max_steps is None  # a time budget sets the schedule
     assert parse_args(["--num_train_epochs", "2"]).max_steps is None
+    assert parse_args(["--epochs", "2"]).max_steps is None  # open_clip's name for it, too
+    assert parse_args(["--max-train-minutes", "2"]).max_steps is None  # and the hyphenated spelling
     both = parse_args(["--max_train_minutes", "5", "--max_steps", "100"])
     assert (both.max_steps, both.max_train_minutes) == (100, 5)  # both given: whichever ends first
     config = tmp_path / "budget.yaml"
