@@ -256,10 +256,12 @@ def markdown(data: dict) -> str:
     lines = ["| config | seeds | steps | minutes | " + " | ".join(cols) + " | score |",
              "|---|---:|---:|---:|" + "---:|" * (len(cols) + 1)]
     for n, e in data["configs"].items():
-        cells = [f"{100 * e[c]['mean']:.1f} ± {100 * e[c]['std']:.1f}" if not math.isnan(e[c]["mean"]) else ""
-                 for c in cols + ["score"]]
+        spread = e["n_seeds"] > 1  # one seed has no spread to show
+        cells = [(f"{100 * e[c]['mean']:.1f}" + (f" ± {100 * e[c]['std']:.1f}" if spread else ""))
+                 if not math.isnan(e[c]["mean"]) else "" for c in cols + ["score"]]
         minutes = e.get("train_minutes", {}).get("mean", float("nan"))
-        lines.append(f"| {n} | {e['n_seeds']} | {e['steps']['mean']:.0f} ± {e['steps']['std']:.0f} | {minutes:.1f} | "
+        steps = f"{e['steps']['mean']:.0f}" + (f" ± {e['steps']['std']:.0f}" if spread else "")
+        lines.append(f"| {n} | {e['n_seeds']} | {steps} | {minutes:.1f} | "
                      + " | ".join(cells[:-1]) + f" | {cells[-1]} |")
     ch = data.get("chance", {})
     lines.append("| *chance* | | | | " + " | ".join(f"{100 * ch[c]:.1f}" if c in ch else "" for c in cols) + " | |")
