@@ -65,6 +65,8 @@ GRIDS: dict[str, dict[str, dict]] = {
             objective="xmc+cmc", cmc_target="image", joint_negatives="shared_text", joint_margin=0.1),
         "oner xmc+cmc+quad": dict(objective="xmc+cmc+quad"),
         "oner xmc+cmc+quad:0.25": dict(objective="xmc+cmc+quad:0.25"),
+        "oner xmc+cmc+quad:0.25 (image target, shared-text negatives, margin 0.1)": dict(
+            objective="xmc+cmc+quad:0.25", cmc_target="image", joint_negatives="shared_text", joint_margin=0.1),
     },
     # Size, resolution, batch, learning rate and data at equal wall-clock (a preset chosen by
     # time-to-quality), with the naive ITC objective and mean pooling.
