@@ -1,5 +1,11 @@
 """How train.py uses the machine: torch threads and mixed precision, decided at start (oner.training.runtime)."""
 
+import ctypes
+import ctypes.util
+import os
+import subprocess
+import sys
+
 import pytest
 
 from oner.training import runtime
@@ -109,3 +115,66 @@ def test_matmul_speedup_is_measured():
     speedup = runtime.matmul_speedup(torch.bfloat16, size=64, seconds=0.01, rounds=1)
     assert speedup > 0 and speedup != float("inf")  # a ratio of two measured times (never asserted: noisy machines)
     assert torch.equal(torch.get_rng_state(), before)  # a resumed run's random stream is left alone
+
+
+ROUND_OF_ALLOCATIONS = """
+import resource, sys, torch
+from oner.training.runtime import keep_freed_memory
+if sys.argv[1] == "kept":
+    print(keep_freed_memory())
+faults = []
+for _ in range(2):  # what a training step does: many tensors written, then freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    tensors = [torch.ones(256 * 1024) for _ in range(64)]  # 64 x 1 MiB
+    del tensors
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(faults[1])
+"""
+
+
+def _second_round_page_faults(mode: str) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    out = subprocess.run([sys.executable, "-c", ROUND_OF_ALLOCATIONS, mode], capture_output=True, text=True,
+                         check=True, env=env).stdout.split("\n")
+    lines = [line for line in out if line.strip()]
+    return int(lines[-1]), lines[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_memory_is_kept_so_the_next_step_does_not_fault_it_in_again():
+    default_faults, _ = _second_round_page_faults("default")
+    kept_faults, said = _second_round_page_faults("kept")
+    assert "keeps up to 1024 MiB" in said
+    # 64 MiB are 16,384 pages: glibc's defaults return them to the kernel and fault them in again.
+    assert default_faults > 8000 and kept_faults < 1000, (default_faults, kept_faults)
+
+
+def test_the_users_allocator_choice_is_left_alone(monkeypatch):
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: pytest.fail("mallopt must not be called"))
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert runtime.keep_freed_memory() == "malloc as set by MALLOC_TRIM_THRESHOLD_"
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert runtime.keep_freed_memory() == "malloc from jemalloc (LD_PRELOAD)"
+
+
+def test_keep_freed_memory_sets_the_three_glibc_parameters(monkeypatch):
+    calls = []
+
+    class FakeGlibc:
+        def gnu_get_libc_version(self):
+            return b"2.36"
+
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libc.so.6")
+    monkeypatch.setattr(ctypes, "CDLL", lambda path: FakeGlibc())
+    assert "keeps up to 512 MiB" in runtime.keep_freed_memory(trim_threshold=512 << 20)
+    assert sorted(calls) == [(-3, 32 << 20), (-2, 64 << 20), (-1, 512 << 20)]  # mmap, top pad, trim (<malloc.h>)
+    calls.clear()
+    FakeGlibc.mallopt = lambda self, param, value: 0  # glibc refuses a value
+    assert "refused" in runtime.keep_freed_memory()

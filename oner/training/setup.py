@@ -34,6 +34,7 @@ from .runtime import (
     configure_threads,
     cpu_slow_paths,
     has_accelerator_device,
+    keep_freed_memory,
 )
 from .sharding import (
     check_supported,
@@ -157,8 +158,17 @@ def objective_config(args) -> ObjectiveConfig:
     )
 
 
+# Devices with a fused AdamW kernel in torch (torch.optim.adamw; checked again when it steps).
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
 def make_optimizer(module: torch.nn.Module, args) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings, [CLS], positions and the logit scale/bias."""
+    """AdamW; no weight decay on biases, norms, embeddings, [CLS], positions and the logit scale/bias.
+
+    torch's fused AdamW (one kernel per parameter, on CPUs and GPUs alike) where every parameter is
+    on a device it supports: the default per-parameter loop makes about eight passes over each
+    parameter, which for the tiny preset (3.9M of its 4.3M entries in the token table) cost 3-7% of a CPU step.
+    """
     decay, no_decay, seen = [], [], set()
     for name, param in module.named_parameters():
         if not param.requires_grad or id(param) in seen:
@@ -173,6 +183,7 @@ def make_optimizer(module: torch.nn.Module, args) -> torch.optim.Optimizer:
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
+        fused=all(p.device.type in _FUSED_ADAMW_DEVICES and p.dtype.is_floating_point for p in decay + no_decay),
     )
 
 
@@ -308,6 +319,7 @@ def setup(args) -> Run:
     threads, threads_reason = configure_threads(args.num_threads)
     accelerator = make_accelerator(args)
     set_seed(args.seed)
+    memory = keep_freed_memory() if accelerator.device.type == "cpu" else None
 
     # ---- validate every input BEFORE anything is written
     pretrainer, model, processor, config = build_model(args)
@@ -403,7 +415,7 @@ def setup(args) -> Run:
     accelerator.print(f"compute: {accelerator.device}, {threads} torch thread(s) per process ({threads_reason}); "
                       f"mixed precision {args.mixed_precision} ({args.mixed_precision_reason}); "
                       f"attention {args.attn_implementation} ({args.attn_reason}); "
-                      f"{args.dataloader_num_workers} data-loader worker(s)")
+                      f"{args.dataloader_num_workers} data-loader worker(s)" + (f"; {memory}" if memory else ""))
     if accelerator.device.type == "cpu" and accelerator.is_main_process:
         for warning in cpu_slow_paths(args.mixed_precision, args.attn_implementation, threads):
             accelerator.print(f"compute: WARNING: {warning}")
