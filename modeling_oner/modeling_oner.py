@@ -92,11 +92,18 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain attention. `attention_mask` is boolean, broadcastable to `(batch, heads, q, k)`, True = attend."""
-    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    """Plain attention. `attention_mask` is boolean, broadcastable to `(batch, heads, q, k)`, True = attend.
+
+    Shapes: `query`/`key`/`value` `(batch, heads, seq, head_dim)` -> output `(batch, seq, heads, head_dim)`
+    and weights `(batch, heads, seq, seq)`. The scale is applied to the query (`seq / head_dim` times
+    fewer products than on the scores), and the softmax runs in the scores' dtype: torch's CPU and CUDA
+    kernels accumulate bf16/fp16 in fp32 anyway, and an fp32 copy of the scores and its cast back
+    cost a CPU bf16 step more than the softmax itself (docs/benchmarks.md, "Where a step's time goes").
+    """
+    attn_weights = torch.matmul(query * scaling, key.transpose(-1, -2))
     if attention_mask is not None:
         attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
-    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.softmax(attn_weights, dim=-1)
     attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights

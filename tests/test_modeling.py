@@ -494,3 +494,36 @@ def test_features_follow_the_installed_clip():
     with torch.no_grad():
         out = clip.get_image_features(pixel_values=torch.randn(1, 3, 8, 8))
     assert isinstance(out, BaseModelOutputWithPooling) == FEATURES_AS_OUTPUT
+
+
+def test_bf16_eager_attention_matches_an_fp32_softmax_in_value_and_gradient():
+    """The eager kernel's softmax runs in bf16 under bf16 autocast (no fp32 copy of the scores): its
+    output and gradients stay within bf16 rounding of the fp32-softmax attention it replaced."""
+    import torch.nn.functional as F
+
+    from modeling_oner.modeling_oner import eager_attention_forward
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 9, 8) for _ in range(3))
+    mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., 6:] = False  # a padded sequence
+    module = torch.nn.Module().eval()
+
+    def fp32_softmax_reference(q, k, v):
+        scores = torch.matmul(q, k.transpose(-1, -2)) * 8**-0.5
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(weights, v).transpose(1, 2)
+
+    outputs, grads = [], []
+    for attention in (lambda q, k, v: eager_attention_forward(module, q, k, v, mask, 8**-0.5)[0],
+                      fp32_softmax_reference):
+        leaves = [t.clone().to(torch.bfloat16).requires_grad_(True) for t in (q, k, v)]
+        out = attention(*leaves)
+        out.float().pow(2).sum().backward()
+        outputs.append(out.float())
+        grads.append([t.grad.float() for t in leaves])
+    torch.testing.assert_close(outputs[0], outputs[1], atol=2e-2, rtol=2e-2)
+    for new, old in zip(*grads):
+        torch.testing.assert_close(new, old, atol=5e-2, rtol=5e-2)
+    assert outputs[0][1, 6:].abs().sum() > 0 and torch.isfinite(outputs[0]).all()
