@@ -108,11 +108,23 @@ def test_quality_quick_and_resume(tmp_path, small_embedded):
 
 
 def test_loop_speed_quick(tmp_path, small_embedded):
-    _run(["benchmarks/loop_speed.py", "--quick", "--out", str(tmp_path)], env={"ONER_DATA_HOME": str(small_embedded)})
+    _run(["benchmarks/loop_speed.py", "--quick", "--precisions", "bf16", "no", "--out", str(tmp_path)],
+         env={"ONER_DATA_HOME": str(small_embedded)})
     data = json.loads((tmp_path / "loop_speed.json").read_text())
-    assert data["bare_pairs_per_s"] > 0 and data["loop_pairs_per_s"] > 0 and data["loop"]["loader_pairs_per_s"] > 0
-    assert data["bare_step"]["flops_per_step"] > 0 and 0 < data["fraction_of_peak"]
-    assert "loop / bare step" in (tmp_path / "loop_speed.md").read_text()
+    assert [r["bare_step"]["mixed_precision"] for r in data["runs"]] == ["bf16", "no"]
+    for run in data["runs"]:
+        assert run["bare_pairs_per_s"] > 0 and run["loop_pairs_per_s"] > 0 and run["loop"]["loader_pairs_per_s"] > 0
+        assert run["bare_step"]["flops_per_step"] > 0 and 0 < run["fraction_of_peak"]
+        profile = run["bare_step"]["profile"]
+        # every op of the step sits in one of train.py's phases, and the kinds share all op time
+        assert profile["phase_share"]["other"] < 0.01 and profile["phase_share"]["forward"] > 0.05
+        assert profile["phase_share"]["backward"] > 0.05 and profile["phase_share"]["optimizer"] > 0
+        assert abs(sum(profile["phase_share"].values()) - 1) < 1e-6
+        assert abs(sum(profile["kind_share_of_op_time"].values()) - 1) < 1e-6
+        assert profile["kind_share_of_op_time"]["matrix products"] > 0
+    assert run["matmul_peak_dtype"] == "float32" and data["runs"][0]["matmul_peak_dtype"] == "bfloat16"
+    md = (tmp_path / "loop_speed.md").read_text()
+    assert "loop / bare step" in md and "| phase: backward |" in md and "**bf16**" in md and "**no**" in md
 
 
 def test_loader_speed_quick(tmp_path, small_embedded):

@@ -13,6 +13,7 @@ import time
 
 import torch
 from accelerate.utils import broadcast, send_to_device
+from torch.profiler import record_function
 
 from oner.losses import clamp_logit_scale_
 from oner.progress import progress, quiet_library_bars
@@ -257,22 +258,24 @@ def optimisation_step(pretrainer, objective, micro_batches, accelerator, optimiz
     # list of a prepared model to FSDP's own clip_grad_norm_ (all shards; a filtered list would fall
     # back to this process's shard), and an infinite max norm only measures (--max_grad_norm 0).
     max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
-    grad_norm = accelerator.clip_grad_norm_(list(pretrainer.parameters()), max_norm)
-    # DeepSpeed clips and steps inside accelerator.backward; accelerate then returns the norm its
-    # engine measured, or None. There is no gradient left to measure (ZeRO-2 has reduced and
-    # cleared it), so None counts as unknown and the loss check alone decides.
-    grad_finite = True if grad_norm is None else bool(torch.isfinite(torch.as_tensor(grad_norm)))
-    # A rank whose loss is NaN poisons every rank's reduced gradients, so all ranks agree; the
-    # loss flag is reduced anyway (with --local_loss each rank has its own loss).
-    bad = torch.tensor(float(not (torch.isfinite(loss) and grad_finite)), device=loss.device)
-    finite = accelerator.reduce(bad, reduction="sum").item() == 0
-    if finite:
-        optimizer.step()
-        scheduler.step()
-        # In place on what this process holds: the whole parameter, its FSDP shard (possibly empty),
-        # or DeepSpeed's working copy (its fp32 master may exceed the bound; forwards never see it).
-        clamp_logit_scale_(accelerator.unwrap_model(pretrainer).model.logit_scale)
-    optimizer.zero_grad(set_to_none=True)
+    with record_function("oner:clip"):  # the scopes name the phases in a profile (benchmarks/loop_speed.py)
+        grad_norm = accelerator.clip_grad_norm_(list(pretrainer.parameters()), max_norm)
+        # DeepSpeed clips and steps inside accelerator.backward; accelerate then returns the norm its
+        # engine measured, or None. There is no gradient left to measure (ZeRO-2 has reduced and
+        # cleared it), so None counts as unknown and the loss check alone decides.
+        grad_finite = True if grad_norm is None else bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        # A rank whose loss is NaN poisons every rank's reduced gradients, so all ranks agree; the
+        # loss flag is reduced anyway (with --local_loss each rank has its own loss).
+        bad = torch.tensor(float(not (torch.isfinite(loss) and grad_finite)), device=loss.device)
+        finite = accelerator.reduce(bad, reduction="sum").item() == 0
+    with record_function("oner:optimizer"):
+        if finite:
+            optimizer.step()
+            scheduler.step()
+            # In place on what this process holds: the whole parameter, its FSDP shard (possibly empty),
+            # or DeepSpeed's working copy (its fp32 master may exceed the bound; forwards never see it).
+            clamp_logit_scale_(accelerator.unwrap_model(pretrainer).model.logit_scale)
+        optimizer.zero_grad(set_to_none=True)
     return loss, parts, grad_norm, finite
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.profiler import record_function
 
 from oner.objectives import Objective
 
@@ -74,9 +75,13 @@ def forward_backward(
     micro_batches = [{k: v for k, v in b.items() if k != "sample_keys"} for b in micro_batches]
     if len(micro_batches) == 1:
         batch = micro_batches[0]
-        features = model(**batch)
-        loss, parts = objective(features, _targets(ema, batch, accelerator))
-        accelerator.backward(loss)
+        # The scopes name a step's phases in a torch.profiler trace (benchmarks/loop_speed.py --profile).
+        with record_function("oner:forward"):
+            features = model(**batch)
+        with record_function("oner:objective"):
+            loss, parts = objective(features, _targets(ema, batch, accelerator))
+        with record_function("oner:backward"):
+            accelerator.backward(loss)
         return loss.detach(), {k: v.detach() for k, v in parts.items()}
     return _cached_forward_backward(model, objective, micro_batches, accelerator, ema)
 
