@@ -132,3 +132,18 @@ def test_loader_speed_quick(tmp_path, small_embedded):
     data = json.loads((tmp_path / "loader_speed.json").read_text())
     assert set(data["pairs_per_s"]) == {"pil", "tensor"} and min(data["pairs_per_s"].values()) > 0
     assert data["tensor_over_pil"] > 0 and "tensor / pil" in (tmp_path / "loader_speed.md").read_text()
+
+
+def test_step_cost_vs_commit_compares_two_trees(tmp_path, small_embedded):
+    tiny = ("--config_overrides hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,"
+            "projection_dim=32,image_size=16,patch_size=8,max_position_embeddings=16 --per_device_batch_size 8")
+    out = tmp_path / "cost.jsonl"
+    proc = subprocess.run(["bash", "benchmarks/step_cost_vs_commit.sh"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "ONER_DATA_HOME": str(small_embedded), "COMMIT": "HEAD",
+                                            "ROUNDS": "1", "SHORT": "1", "LONG": "3", "TRAIN_ARGS": tiny,
+                                            "OUT": str(out)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["tree"].split(" ")[0] for r in rows] == ["HEAD", "this"] and all(r["steps"] == 2 for r in rows)
+    # the per-step costs of two tiny steps are start-up noise: only their presence is checked
+    assert all(isinstance(r[k], float) for r in rows for k in ("cpu_s_per_step", "wall_s_per_step", "loadavg"))
