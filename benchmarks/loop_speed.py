@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shlex
 import sys
 import tempfile
@@ -125,11 +126,16 @@ def bare_step(train_argv: list[str], repeats: int, calls: int, profile_steps: in
     for _ in range(2):
         step()
     times = []
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(repeats):
         t = time.perf_counter()
         for _ in range(calls):
             step()
         times.append((time.perf_counter() - t) / calls)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    # Page faults and kernel time per step: freed memory faulted in again shows here (keep_freed_memory).
+    faults_per_step = (after.ru_minflt - usage.ru_minflt) / (repeats * calls)
+    system_ms_per_step = 1e3 * (after.ru_stime - usage.ru_stime) / (repeats * calls)
     profile = profile_shares(step, profile_steps) if profile_steps else None
     counter = FlopCounterMode(display=False)
     with counter:
@@ -140,7 +146,8 @@ def bare_step(train_argv: list[str], repeats: int, calls: int, profile_steps: in
     optimizer.zero_grad(set_to_none=True)
     return {"seconds_per_step": median(times), "all_seconds": times, "flops_per_step": int(counter.get_total_flops()),
             "batch_size": args.per_device_batch_size, "mixed_precision": args.mixed_precision,
-            "attn_implementation": args.attn_implementation, "threads": threads, "profile": profile}
+            "attn_implementation": args.attn_implementation, "threads": threads, "profile": profile,
+            "page_faults_per_step": faults_per_step, "system_ms_per_step": system_ms_per_step}
 
 
 def real_loop(train_argv: list[str], steps: int, workdir: Path) -> dict:
@@ -192,7 +199,8 @@ def markdown(result: dict) -> str:
             f"loop / bare step = {r['loop_over_bare']:.2f}; the loop waited for data "
             f"{100 * loop['data_wait_fraction']:.0f}% of the time. Bare step: {bare['flops_per_step'] / 1e9:.1f} GFLOP, "
             f"{r['achieved_flops_per_s'] / 1e9:.0f} GFLOP/s = {100 * r['fraction_of_peak']:.0f}% of the measured "
-            f"{r['matmul_peak_dtype']} matmul peak ({r['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s)."
+            f"{r['matmul_peak_dtype']} matmul peak ({r['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s); "
+            f"{bare['page_faults_per_step']:.0f} page faults and {bare['system_ms_per_step']:.1f} ms of kernel time per step."
         )
         prof = bare.get("profile")
         if prof:

@@ -122,9 +122,10 @@ def test_loop_speed_quick(tmp_path, small_embedded):
         assert abs(sum(profile["phase_share"].values()) - 1) < 1e-6
         assert abs(sum(profile["kind_share_of_op_time"].values()) - 1) < 1e-6
         assert profile["kind_share_of_op_time"]["matrix products"] > 0
+        assert run["bare_step"]["page_faults_per_step"] >= 0 and run["bare_step"]["system_ms_per_step"] >= 0
     assert run["matmul_peak_dtype"] == "float32" and data["runs"][0]["matmul_peak_dtype"] == "bfloat16"
     md = (tmp_path / "loop_speed.md").read_text()
-    assert "loop / bare step" in md and "| phase: backward |" in md and "**bf16**" in md and "**no**" in md
+    assert "loop / bare step" in md and "page faults" in md and "| phase: backward |" in md and "**bf16**" in md and "**no**" in md
 
 
 def test_loader_speed_quick(tmp_path, small_embedded):
