@@ -60,7 +60,7 @@ def test_no_arguments_is_the_tiny_embedded_config():
     assert "preset" in from_file.pop("explicit_flags")
     assert default == from_file
     assert default["preset"] == "tiny" and default["train_data"] == "embedded"
-    assert default["max_steps"] == 2600 and default["max_train_minutes"] is None and default["objective"] == "xmc+cmc"
+    assert default["max_steps"] == 2600 and default["max_train_minutes"] is None and default["objective"] == "xmc+cmc+quad:0.25"
     assert (default["xmc_form"], default["cmc_context"], default["cmc_fraction"]) == ("cross-pair", "mosaic", 0.5)
 
 
