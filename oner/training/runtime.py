@@ -92,7 +92,7 @@ def keep_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 32 <<
     freshly from the kernel and returns the top of its heap once 128 KiB are free there, so each step
     faults its memory in again, page by page, and the kernel zeroes every page. Measured on the
     default bf16 step (2-core AMD EPYC, one thread): 16,800 page faults per step before, 500 after,
-    and 13% less CPU time (docs/benchmarks.md). The process keeps up to `trim_threshold` bytes freed
+    and 28 ms of kernel time per step before, under 4 after (docs/benchmarks.md). The process keeps up to `trim_threshold` bytes freed
     at the heap's top; blocks above `mmap_threshold` (glibc's upper limit, 32 MiB) are still mapped
     and returned.
 
