@@ -172,7 +172,7 @@ def one_run(name: str, seed: int, args) -> dict:
     env["OMP_NUM_THREADS"] = str(args.threads)
     if args.data_home:
         env["ONER_DATA_HOME"] = str(args.data_home)
-    load_before = loadavg()
+    load_before, facts = loadavg(), machine()
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.time() - t0
@@ -181,7 +181,9 @@ def one_run(name: str, seed: int, args) -> dict:
     record = {"config": name, "seed": seed, "key": run_key(name, seed), "budget_minutes": args.budget_minutes,
               "max_steps": args.max_steps, "flags": args.rows[name], "command": " ".join(cmd[1:]), "returncode": proc.returncode,
               "wall_s": round(wall, 1), "threads": args.threads, "jobs": args.jobs,
-              "loadavg_before": load_before, "loadavg_after": loadavg(), "run_dir": str(run_dir)}
+              "loadavg_before": load_before, "loadavg_after": loadavg(), "run_dir": str(run_dir),
+              # each run names its own machine and code: a results file may gather runs from several
+              "machine": {k: facts[k] for k in ("cpu_model", "avx512_bf16", "amx_bf16", "nproc", "torch", "git_commit")}}
     if proc.returncode != 0:
         record["error"] = proc.stderr[-2000:]
         return record

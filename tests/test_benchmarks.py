@@ -84,6 +84,7 @@ def test_quality_quick_and_resume(tmp_path, small_embedded):
     lines = [json.loads(x) for x in (out / "ablation_runs.jsonl").read_text().splitlines()]
     rows = ["clip (two towers, ITC)", "oner xmc (cross-pair)"]
     assert [r["config"] for r in lines] == rows
+    assert all(r["machine"]["cpu_model"] and "git_commit" in r["machine"] for r in lines)  # each run names its machine
     assert all(r["returncode"] == 0 and r["steps"] >= 1 for r in lines)
     for r in lines:  # every suite of run_benchmark's default set gave its metric, CLIP included
         assert all(v is not None for v in r["metrics"].values()), r["metrics"]
