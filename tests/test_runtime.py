@@ -117,35 +117,37 @@ def test_matmul_speedup_is_measured():
     assert torch.equal(torch.get_rng_state(), before)  # a resumed run's random stream is left alone
 
 
-ROUND_OF_ALLOCATIONS = """
-import resource, sys, torch
+FAULTS_BEFORE_AND_AFTER = """
+import ctypes, resource, torch
 from oner.training.runtime import keep_freed_memory
-if sys.argv[1] == "kept":
-    print(keep_freed_memory())
-faults = []
-for _ in range(2):  # what a training step does: many tensors written, then freed
+
+def faults_of_a_step():  # what a training step does: many tensors written, then freed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    tensors = [torch.ones(256 * 1024) for _ in range(64)]  # 64 x 1 MiB
+    tensors = [torch.ones(256 * 1024) for _ in range(64)]  # 64 x 1 MiB = 16,384 pages
     del tensors
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(faults[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+# glibc's static defaults (128 KiB mmap and trim thresholds, no dynamic growth), so that the
+# starting point does not depend on what the process allocated before
+libc = ctypes.CDLL("libc.so.6")
+assert libc.mallopt(-3, 128 * 1024) == 1 and libc.mallopt(-1, 128 * 1024) == 1
+faults_of_a_step()
+default = faults_of_a_step()
+said = keep_freed_memory()
+faults_of_a_step()
+print(said)
+print(default, faults_of_a_step())
 """
-
-
-def _second_round_page_faults(mode: str) -> tuple[int, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
-    out = subprocess.run([sys.executable, "-c", ROUND_OF_ALLOCATIONS, mode], capture_output=True, text=True,
-                         check=True, env=env).stdout.split("\n")
-    lines = [line for line in out if line.strip()]
-    return int(lines[-1]), lines[0]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_memory_is_kept_so_the_next_step_does_not_fault_it_in_again():
-    default_faults, _ = _second_round_page_faults("default")
-    kept_faults, said = _second_round_page_faults("kept")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    out = subprocess.run([sys.executable, "-c", FAULTS_BEFORE_AND_AFTER], capture_output=True, text=True,
+                         check=True, env=env).stdout.strip().splitlines()
+    said, (default_faults, kept_faults) = out[-2], map(int, out[-1].split())
     assert "keeps up to 1024 MiB" in said
-    # 64 MiB are 16,384 pages: glibc's defaults return them to the kernel and fault them in again.
+    # glibc's defaults give the 64 MiB back to the kernel and fault them in again every step
     assert default_faults > 8000 and kept_faults < 1000, (default_faults, kept_faults)
 
 
