@@ -171,7 +171,7 @@ def test_keep_freed_memory_sets_the_three_glibc_parameters(monkeypatch):
             calls.append((param, value))
             return 1
 
-    for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "LD_PRELOAD"):
+    for name in (*runtime._MALLOC_ENV, "LD_PRELOAD"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libc.so.6")
     monkeypatch.setattr(ctypes, "CDLL", lambda path: FakeGlibc())

@@ -91,10 +91,10 @@ def keep_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 32 <<
     A CPU step allocates and frees the same tensors every step. By default glibc maps large blocks
     freshly from the kernel and returns the top of its heap once 128 KiB are free there, so each step
     faults its memory in again, page by page, and the kernel zeroes every page. Measured on the
-    default bf16 step (2-core AMD EPYC, one thread): 16,800 page faults per step before, 500 after,
-    and 28 ms of kernel time per step before, under 4 after (docs/benchmarks.md). The process keeps up to `trim_threshold` bytes freed
-    at the heap's top; blocks above `mmap_threshold` (glibc's upper limit, 32 MiB) are still mapped
-    and returned.
+    default bf16 step (2-core AMD EPYC, one thread): 16,800 page faults and 28 ms of kernel time per
+    step before, 500 and under 4 ms after (docs/benchmarks.md). The process keeps up to
+    `trim_threshold` bytes freed at the heap's top; blocks above `mmap_threshold` (glibc's upper
+    limit, 32 MiB) are still mapped and returned.
 
     Left alone where the user chose: any `MALLOC_*` tuning variable of glibc set, or jemalloc,
     tcmalloc or mimalloc in `LD_PRELOAD`; and where glibc is not the C library.
@@ -109,12 +109,11 @@ def keep_freed_memory(trim_threshold: int = 1 << 30, mmap_threshold: int = 32 <<
     path = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(path) if path else None
-        mallopt = getattr(libc, "mallopt", None) if libc is not None else None
     except OSError:
-        mallopt = None
-    if mallopt is None or not hasattr(libc, "gnu_get_libc_version"):
+        libc = None
+    if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):
         return "malloc: the C library's defaults (not glibc)"
-    done = all(mallopt(param, value) == 1 for param, value in (
+    done = all(libc.mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold), (_M_TOP_PAD, top_pad)))
     if not done:
         return "malloc: glibc refused the tuning (its defaults)"
