@@ -67,6 +67,8 @@ GRIDS: dict[str, dict[str, dict]] = {
         "oner xmc+cmc+quad:0.25": dict(objective="xmc+cmc+quad:0.25"),
         "oner xmc+cmc+quad:0.25 (image target, shared-text negatives, margin 0.1)": dict(
             objective="xmc+cmc+quad:0.25", cmc_target="image", joint_negatives="shared_text", joint_margin=0.1),
+        # The default on a CPU without native bf16: the same steps in fp32 should give the same model.
+        "oner xmc+cmc+quad:0.25, fp32": dict(objective="xmc+cmc+quad:0.25", mixed_precision="no"),
     },
     # Size, resolution, batch, learning rate and data at equal wall-clock (a preset chosen by
     # time-to-quality), with the naive ITC objective and mean pooling.
