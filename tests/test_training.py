@@ -603,3 +603,57 @@ def test_the_optimizer_is_torchs_fused_adamw_and_steps_as_the_per_parameter_loop
     for (name, p), q in zip(fused_model.named_parameters(), loop_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     assert any(not torch.equal(p, q) for p, q in zip(fused_model.parameters(), initial.parameters()))
+
+
+# --------------------------------------------------------------------------- pinned behaviour
+
+# The losses of the first three fp32 steps of tiny runs on `pairs_dir` (seed 0, train.py's defaults
+# otherwise), as commit b71f69f logged them. Code that reorganises the objective, the step or the model
+# must leave them as they are; a change meant to alter them updates these numbers in the same commit.
+PINNED_RUNS = {
+    "default": ((), [3.8444485664367676, 4.007964134216309, 3.5542478561401367],
+                {"loss/xmc": 2.0040087699890137, "loss/cmc": 1.0449752807617188, "loss/quad": 3.1818583011627197,
+                 "joint/image_gain": 0.18136008083820343}),
+    "mlm, feature-cached accumulation": (
+        ("--objective", "xmc+cmc+quad:0.25+mlm:0.2", "--accum_freq", "2"),
+        [7.417550563812256, 7.28529167175293, 7.634400367736816],
+        {"loss/xmc": 2.6716997623443604, "loss/cmc": 1.6817524433135986, "loss/quad": 3.998081684112549,
+         "loss/mlm": 10.32288932800293}),
+    "sigmoid loss, fixed temperature": (
+        ("--objective", "itc", "--pairwise_loss", "sigmoid", "--temperature", "0.1", "--xmc_form", "same-pair"),
+        [8.398138999938965, 4.386545658111572, 3.8027467727661133], {"loss/itc": 8.398138999938965}),
+    "image target, shared-text negatives, margin": (
+        ("--objective", "xmc+cmc", "--cmc_target", "image", "--joint_negatives", "shared_text", "--joint_margin", "0.1"),
+        [3.7664101123809814, 3.956970691680908, 3.7265045642852783],
+        {"loss/cmc": 1.7624013423919678, "joint/image_gain": 0.4604896903038025}),
+}
+# What the sigmoid run's saved folder embeds for pairs_dir's first image and its caption (first 4 values).
+PINNED_EMBEDDINGS = ([-0.2076626718044281, 0.0793718472123146, 0.007729753851890564, -0.07500302046537399],
+                     [-0.3580419719219208, 0.13105306029319763, 0.14220154285430908, -0.04413636028766632])
+
+
+@pytest.mark.parametrize("name", list(PINNED_RUNS))
+def test_the_first_logged_losses_are_pinned(pairs_dir, tmp_path, name):
+    from transformers import AutoModel, AutoProcessor
+
+    from oner.training import main
+
+    extra, losses, terms = PINNED_RUNS[name]
+    out = tmp_path / "run"
+    assert main(tiny_args(pairs_dir, out, "--max_steps", "3", "--mixed_precision", "no", "--checkpointing_steps", "0",
+                          *extra)) == 0
+    logged = log(out)
+    assert [r["loss"] for r in logged] == pytest.approx(losses, rel=1e-4)
+    assert {k: logged[0][k] for k in terms} == pytest.approx(terms, rel=1e-4)
+    if name.startswith("sigmoid"):  # the folder the wrapper's settings (bias, frozen scale) were saved into
+        model = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+        caption = json.loads((pairs_dir / "metadata.jsonl").read_text().splitlines()[0])["text"]
+        inputs = processor(text=[caption], images=[Image.open(pairs_dir / "000.png")], return_tensors="pt")
+        with torch.no_grad():
+            image = model.get_image_features(pixel_values=inputs["pixel_values"])
+            text = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        image, text = (getattr(x, "pooler_output", x)[0, :4].tolist() for x in (image, text))
+        assert (image, text) == (pytest.approx(PINNED_EMBEDDINGS[0], rel=1e-3, abs=1e-5),
+                                 pytest.approx(PINNED_EMBEDDINGS[1], rel=1e-3, abs=1e-5))
+        assert model.logit_scale.item() == pytest.approx(2.302585, rel=1e-6) and model.logit_bias is not None
