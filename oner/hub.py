@@ -185,6 +185,15 @@ def _pin_card(api, staged: Path, repo_id: str, token: str, oid: str | None) -> N
                     token=token, commit_message=f"Model card: pin usage to revision {oid[:12]}")
 
 
+def publish(output_dir: str | Path, repo_id: str, private: bool = False, space_id: str | None = None) -> str:
+    """Upload the folder (and, with `space_id`, the demo Space serving it); prints and returns the URL."""
+    url = push_folder(output_dir, repo_id, private=private, space_id=space_id)
+    print(f"pushed {output_dir} to {url}")
+    if space_id:
+        print(f"Space: https://huggingface.co/spaces/{space_id}")
+    return url
+
+
 def build_parser() -> argparse.ArgumentParser:
     from oner.flags import accept_aliases
 
@@ -199,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from oner.training.finish import complete_folder, publish
+    from oner.model_folder import complete_folder
 
     try:
         check_repo_id(args.repo_id)

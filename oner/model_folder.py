@@ -1,4 +1,6 @@
-"""Writing and reading complete OneR model folders (weights, config, processor, remote code)."""
+"""Writing and completing OneR model folders: weights, config, processor and remote code
+(`save_model_folder`), then its evaluation and model card (`complete_folder`), which `train.py` and
+`oner-push` both call."""
 
 import json
 from pathlib import Path
@@ -10,6 +12,8 @@ from processing_oner import OneRProcessor, build_processor
 
 # Files every saved folder must hold to load with trust_remote_code=True where this package is absent.
 REMOTE_CODE_FILES = ("configuration_oner.py", "modeling_oner.py", "processing_oner.py")
+# What a training run wrote about itself; the model card reads it.
+SUMMARY_FILE = "training_summary.json"
 
 
 def save_model_folder(model: OneRModel, processor: OneRProcessor, output_dir: str | Path) -> Path:
@@ -37,3 +41,30 @@ def init_model_folder(config: OneRConfig, output_dir: str | Path, seed: int = 0)
     torch.manual_seed(seed)
     model = OneRModel(config)
     return save_model_folder(model, build_processor(config), output_dir)
+
+
+def complete_folder(output_dir: str | Path, training: dict | None = None, evaluate: bool = True,
+                    max_items: int | None = None) -> dict:
+    """Evaluate a model folder (`eval_results.json`/`.md`) and write its card (`README.md`).
+
+    `training` defaults to the folder's `training_summary.json` (empty for a folder that never
+    trained, e.g. from `oner-init`); without `evaluate` the card uses the folder's existing
+    `eval_results.json`, if any. Returns the metrics.
+    """
+    from oner.evaluation import run_benchmark
+    from oner.model_card import write_model_card
+
+    output_dir = Path(output_dir)
+    if training is None:
+        summary = output_dir / SUMMARY_FILE
+        training = json.loads(summary.read_text()) if summary.is_file() else {}
+    metrics: dict = {}
+    if evaluate:
+        metrics = run_benchmark(output_dir, output_dir=output_dir, max_items=max_items)
+        table = output_dir / "eval_results.md"
+        if table.is_file():
+            print(table.read_text())
+    elif (output_dir / "eval_results.json").is_file():
+        metrics = json.loads((output_dir / "eval_results.json").read_text())
+    print(f"model card: {write_model_card(output_dir, metrics, training)}")
+    return metrics

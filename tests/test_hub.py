@@ -162,7 +162,7 @@ def test_cli_writes_the_card_a_finished_run_would_have_written(tiny_model_dir, m
     assert not (tiny_model_dir / "README.md").exists()
     assert hub.main([str(tiny_model_dir), "someone/oner-tiny"]) == 0
     card = (tiny_model_dir / "README.md").read_text()
-    assert "my-shards-{0..3}.tar" in card  # oner.training.finish.complete_folder wrote it from the summary
+    assert "my-shards-{0..3}.tar" in card  # oner.model_folder.complete_folder wrote it from the summary
     uploaded = next(c for c in api.calls if c[0] == "upload_folder")[2]["files"]
     assert "README.md" in uploaded
     assert "pushed" in capsys.readouterr().out

@@ -1,7 +1,7 @@
-"""The end of a run: the model folder, its training summary and loss curve, evaluation, the model
-card, and the push. `complete_folder` (evaluate + card) and `publish` are also what `oner-push`
-uses on a folder, so a folder published by hand gets the same card and the same upload as one
-published by `train.py --push_to_hub`.
+"""The end of a run: the model folder, its training summary and loss curve, then
+`oner.model_folder.complete_folder` (evaluation and the model card) and `oner.hub.publish`, the same
+calls `oner-push` makes on a folder, so a folder published by hand gets the same card and the same
+upload as one published by `train.py --push_to_hub`.
 """
 
 from __future__ import annotations
@@ -11,15 +11,11 @@ from pathlib import Path
 
 from modeling_oner import OneRModel
 from oner.baseline import CLIPAsOneR, save_clip_folder
-from oner.evaluation import run_benchmark
-from oner.hub import push_folder
-from oner.model_card import write_model_card
-from oner.model_folder import save_model_folder
+from oner.hub import publish
+from oner.model_folder import SUMMARY_FILE, complete_folder, save_model_folder
 
 from .data import StreamingPairs
 from .tracking import PLOT_NAME, plot_loss_curve
-
-SUMMARY_FILE = "training_summary.json"
 
 
 def save_trained_folder(model: OneRModel | CLIPAsOneR, processor, output_dir: Path) -> Path:
@@ -87,36 +83,3 @@ def finish_run(model, processor, args, state, dataset, log, global_batch: int, d
     print(f"\nmodel folder: {output_dir.resolve()}")
     print(f"open the demo on it:  python space/app.py --model {output_dir}")
     return 0
-
-
-def complete_folder(output_dir: str | Path, training: dict | None = None, evaluate: bool = True,
-                    max_items: int | None = None) -> dict:
-    """Evaluate a model folder (`eval_results.json`/`.md`) and write its card (`README.md`).
-
-    `training` defaults to the folder's `training_summary.json` (empty for a folder that never
-    trained, e.g. from `oner-init`); without `evaluate` the card uses the folder's existing
-    `eval_results.json`, if any. Returns the metrics.
-    """
-    output_dir = Path(output_dir)
-    if training is None:
-        summary = output_dir / SUMMARY_FILE
-        training = json.loads(summary.read_text()) if summary.is_file() else {}
-    metrics: dict = {}
-    if evaluate:
-        metrics = run_benchmark(output_dir, output_dir=output_dir, max_items=max_items)
-        table = output_dir / "eval_results.md"
-        if table.is_file():
-            print(table.read_text())
-    elif (output_dir / "eval_results.json").is_file():
-        metrics = json.loads((output_dir / "eval_results.json").read_text())
-    print(f"model card: {write_model_card(output_dir, metrics, training)}")
-    return metrics
-
-
-def publish(output_dir: str | Path, repo_id: str, private: bool = False, space_id: str | None = None) -> str:
-    """Upload the folder (and, with `space_id`, the demo Space serving it); prints and returns the URL."""
-    url = push_folder(output_dir, repo_id, private=private, space_id=space_id)
-    print(f"pushed {output_dir} to {url}")
-    if space_id:
-        print(f"Space: https://huggingface.co/spaces/{space_id}")
-    return url

@@ -25,7 +25,7 @@ from processing_oner import build_processor
 from .checkpointing import TrainState, check_checkpoint, list_checkpoints, load_process_state, resolve_resume
 from .data import StreamingPairs, TrainedDataCounts, make_dataloader, make_stream_loader, open_train_data
 from .eval_during_training import prepare_evaluation
-from .finish import SUMMARY_FILE
+from oner.model_folder import SUMMARY_FILE
 from .mlm import subword_table
 from .pretrainer import EMATarget, OneRPretrainer
 from .runtime import (
