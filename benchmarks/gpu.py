@@ -56,13 +56,13 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     start = time.time()
-    from oner.objectives import FULL_OBJECTIVE
+    from oner.objectives import PAPER_OBJECTIVE
 
     cfg = oner_config(args.preset, parse_overrides(args.overrides))
     dtype = torch.bfloat16
     peak = matmul_peak(dtype, args.peak_n, device=args.device)
     trainers = [Trainer("oner_itc", "oner", cfg, "itc", precision="bf16", device=args.device),
-                Trainer("oner_full", "oner", cfg, FULL_OBJECTIVE, precision="bf16", device=args.device),
+                Trainer("oner_full", "oner", cfg, PAPER_OBJECTIVE, precision="bf16", device=args.device),
                 Trainer("clip", "clip", cfg, precision="bf16", device=args.device)]
     batch = make_batch(cfg, args.batch_size, device=args.device)
     times = alternate(trainers, "step", lambda _: batch, args.repeats, args.steps)

@@ -95,10 +95,10 @@ def bare_step(train_argv: list[str], repeats: int, calls: int, profile_steps: in
     """Seconds per `optimisation_step` on one real batch, and the step's FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from oner.objectives import Objective
+    from oner.objectives import Objective, ObjectiveConfig
     from oner.training.args import parse_args
     from oner.training.loop import optimisation_step
-    from oner.training.setup import build_model, make_accelerator, make_optimizer, make_scheduler, objective_config
+    from oner.training.setup import build_model, make_accelerator, make_optimizer, make_scheduler
     from oner.training.checkpointing import TrainState
     from oner.training.data import make_dataloader, open_train_data
     from oner.training.runtime import configure_threads, keep_freed_memory
@@ -112,7 +112,7 @@ def bare_step(train_argv: list[str], repeats: int, calls: int, profile_steps: in
     dataset = open_train_data(args, seed=args.seed, image_size=config.image_size)
     loader, _ = make_dataloader(dataset, processor, args.per_device_batch_size, seed=args.seed, num_workers=0)
     batch = dict(next(iter(loader)))
-    objective = Objective(objective_config(args))
+    objective = Objective(ObjectiveConfig.from_flags(args))
     optimizer = make_optimizer(pretrainer, args)
     state = TrainState()
     state.total_steps = 10**9  # a constant learning rate for timing

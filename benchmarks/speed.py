@@ -6,7 +6,7 @@ What is timed (medians over repeats; the order of the models rotates every repea
 - training step = train.py's own `oner.training.loop.optimisation_step` (forward + objective +
   backward, NaN/inf check, grad-norm clip, AdamW with train.py's parameter groups and defaults,
   scheduler, logit-scale clamp), in pairs/s, for: OneR + naive ITC, OneR + the full objective
-  (`oner.objectives.FULL_OBJECTIVE`, xmc+cmc), CLIPModel + its contrastive loss (train.py's
+  (`oner.objectives.PAPER_OBJECTIVE`, xmc+cmc), CLIPModel + its contrastive loss (train.py's
   `--architecture clip` path: `oner.baseline.CLIPAsOneR` in `OneRPretrainer` + ITC);
 - inference: image embeddings/s and text embeddings/s (`get_image_features` / `get_text_features`);
 - memory: parameter + gradient + AdamW state bytes (exact), and the peak RSS growth over the first
@@ -277,12 +277,12 @@ def peak_step_rss_fresh(name, kind, objective, preset, overrides, batch_size, dt
 
 def memory_only(args) -> int:
     """Peak RSS growth of each model's first two training steps, fresh processes -> speed_memory.json."""
-    from oner.objectives import FULL_OBJECTIVE
+    from oner.objectives import PAPER_OBJECTIVE
 
     overrides = parse_overrides(args.overrides)
     cfg = oner_config(args.preset, overrides)
     deep = {**overrides, "num_hidden_layers": 2 * cfg.num_hidden_layers}
-    models = [("oner_itc", "oner", "itc", overrides), ("oner_full", "oner", FULL_OBJECTIVE, overrides),
+    models = [("oner_itc", "oner", "itc", overrides), ("oner_full", "oner", PAPER_OBJECTIVE, overrides),
               ("clip", "clip", None, overrides), ("oner_itc_2x_layers", "oner", "itc", deep)]
     out = {"machine": machine(), "preset": args.preset, "batch_size": args.batch_size, "memory": {}}
     lines = ["| model | precision | RSS after build (MiB) | peak RSS growth, 2 fresh steps (MiB) |", "|---|---|---:|---:|"]
@@ -318,14 +318,14 @@ def run(args) -> dict:
     cfg = oner_config(args.preset, overrides)
     deep_overrides = {**overrides, "num_hidden_layers": 2 * cfg.num_hidden_layers}
     deep_cfg = oner_config(args.preset, deep_overrides)
-    from oner.objectives import FULL_OBJECTIVE
+    from oner.objectives import PAPER_OBJECTIVE
 
     result = {"machine": machine(), "settings": {
         "preset": args.preset, "overrides": overrides, "batch_size": args.batch_size,
         "hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
         "intermediate_size": cfg.intermediate_size, "image_size": cfg.image_size, "patch_size": cfg.patch_size,
         "image_tokens": cfg.num_patches + 1, "text_tokens": cfg.max_position_embeddings,
-        "repeats": args.repeats, "steps_per_repeat": args.steps, "full_objective": FULL_OBJECTIVE,
+        "repeats": args.repeats, "steps_per_repeat": args.steps, "full_objective": PAPER_OBJECTIVE,
         "command": "python benchmarks/speed.py " + " ".join(args.argv)}}
     peaks = {"fp32": [matmul_peak(torch.float32, args.peak_n)], "bf16": [matmul_peak(torch.bfloat16, args.peak_n)]}
 
@@ -335,7 +335,7 @@ def run(args) -> dict:
         torch.manual_seed(0)
         trainers = [
             Trainer("oner_itc", "oner", cfg, "itc", precision=dname),
-            Trainer("oner_full", "oner", cfg, FULL_OBJECTIVE, precision=dname),
+            Trainer("oner_full", "oner", cfg, PAPER_OBJECTIVE, precision=dname),
             Trainer("clip", "clip", cfg, precision=dname),
         ]
         if not args.quick:

@@ -28,7 +28,7 @@ terms, from features of the whole batch) and the per-sample MLM sums.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -72,13 +72,15 @@ _NEEDS = {
     "mlm": {"mlm"},
 }
 # The paper's final recipe as the talk describes it (XMC, then CMC for the joint sequence).
-FULL_OBJECTIVE = "xmc+cmc"
-# train.py's default terms, decided by the ablations (docs/benchmarks.md), with train.py's defaults
-# --xmc_form cross-pair --cmc_context mosaic --cmc_fraction 0.5: cross-pair XMC beat naive ITC on
+PAPER_OBJECTIVE = "xmc+cmc"
+# train.py's default terms, decided by the ablations (docs/benchmarks.md), with `ObjectiveConfig`'s
+# defaults (cross-pair XMC, mosaic CMC on half of each batch): cross-pair XMC beat naive ITC on
 # retrieval and zero-shot classification (same-pair XMC, the shortcut, aligned nothing), mosaic CMC
 # trains the joint image+text queries, and the quad term at weight 0.25 took the pointing game from
 # 57 to 82% at the same 2,600 steps (3 seeds), retrieval unchanged.
 DEFAULT_OBJECTIVE = "xmc+cmc+quad:0.25"
+# SigLIP's initial logit bias for the sigmoid loss; the bias is the model's (`OneRConfig.logit_bias_init`).
+SIGMOID_BIAS_INIT = -10.0
 
 
 def parse_objective(spec: str) -> dict[str, float]:
@@ -106,40 +108,51 @@ def parse_objective(spec: str) -> dict[str, float]:
             raise ValueError(f"weight of {name!r} must be a finite number >= 0, got {weight!r}")
         weights[name] = value
     if not weights:
-        raise ValueError(f"empty objective {spec!r}; choose terms from {', '.join(TERMS)}, e.g. {FULL_OBJECTIVE}")
+        raise ValueError(f"empty objective {spec!r}; choose terms from {', '.join(TERMS)}, e.g. {PAPER_OBJECTIVE}")
     if all(name == "mlm" for name in weights):
         raise ValueError("mlm alone trains no shared embedding space; add a contrastive term, e.g. xmc+cmc+mlm")
     return weights
 
 
+def _setting(default, help: str, *, choices: tuple | None = None, flag: str | None = None, type=None):
+    """A field of `ObjectiveConfig` with what train.py's flag needs: its help, choices, name (the field's
+    unless `flag` says otherwise) and type (the default's unless `type` says otherwise)."""
+    metadata = {"help": help, "choices": choices, "flag": flag, "type": type}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class ObjectiveConfig:
-    """Settings of the objective. Fields marked [inferred] are our reading of the method.
+    """Settings of the objective; its defaults are train.py's, and train.py's objective flags are made
+    from its fields (`oner.training.args`). Settings marked [inferred] are our reading of the method.
 
     Args:
-        weights: term -> weight, from [`parse_objective`].
+        weights: term -> weight, from [`parse_objective`] (the flag `--objective` takes its string form).
         pairwise: `"softmax"` (InfoNCE, CLIP) or `"sigmoid"` (SigLIP) form of every pairwise term.
         local_loss: score local rows against gathered columns only (open_clip's `--local-loss`).
         mix_weight: `lam` of the mixup `lam * z_I + (1 - lam) * z_T`; the talk says "average" [inferred 0.5].
         mlm_probability: fraction of caption WORDS masked for `mlm` (15%, as the first author's code) [code].
         momentum: EMA momentum of a target encoder that produces the mixup targets `m` (without
             gradient), MoCo v3 style; 0 turns it off (the default) [inferred].
-        sigmoid_bias_init: SigLIP's initial logit bias (-10) [SigLIP].
-        xmc_form: `"same-pair"` (`m_i` mixes image i and text i; each modality can match "its own
-            half" of `m` without any cross-modal alignment, see docs/method.md) or `"cross-pair"`
-            (ours: `m_i` mixes image i with text i+1 of the global batch and is scored against
-            the images and against the texts with soft targets, `lam` on pair i and `1 - lam` on
-            pair i+1, so half of every target is reachable only through cross-modal alignment).
+        xmc_form: `"same-pair"` (the paper's form as we infer it: `m_i` mixes image i and text i; each
+            modality can match "its own half" of `m` without any cross-modal alignment, see
+            docs/method.md) or `"cross-pair"` (ours, the default: `m_i` mixes image i with text i+1 of
+            the global batch and is scored against the images and against the texts with soft
+            targets, `lam` on pair i and `1 - lam` on pair i+1, so half of every target is reachable
+            only through cross-modal alignment).
         cmc_fraction: fraction of each micro-batch (its first rows) that gets the joint pass of
             `cmc` (and the mosaic image pass of `quad`), trading their training for speed (1 = every
-            row) [ours].
+            row; the joint pass costs about as much as the image and text passes together) [ours].
         temperature: a FIXED temperature (MoCo v3 uses 0.2) instead of the learned logit scale;
             None keeps it learned (CLIP) [inferred].
-        cmc_context: the image of CMC's joint pass. `"pair"`: the pair's own image. `"mosaic"` (ours):
-            a 2x2 mosaic of the pair's image (in a random quadrant) and three other images of the
-            batch, each at half resolution, still contrasted with the pair's own mixup, so the joint
-            pass must find the object the caption names among distractors (what a joint image+text
-            query about one object in a scene needs).
+        cmc_context: the image of CMC's joint pass. `"pair"`: the pair's own image (the paper's joint
+            sequence). `"mosaic"` (ours, the default): a 2x2 mosaic of the pair's image (in a random
+            quadrant) and three other images of the batch, each at half resolution, still
+            contrasted with the pair's own target, so the joint pass must find the object the
+            caption names among distractors (what a joint image+text query about one object in a
+            scene needs).
         cmc_target: what CMC's joint embedding is scored against: `"mixup"` (the pair's `m`, the
             paper's CMC) or `"image"` (the pair's own image embedding `z_I`, the answer a joint
             query must find; MagicLens's query -> target image).
@@ -156,21 +169,49 @@ class ObjectiveConfig:
             `"text_softmax"` (PACL: weighted by their similarity to each text); see [`region_logits`].
     """
 
-    weights: dict[str, float] = field(default_factory=lambda: parse_objective(DEFAULT_OBJECTIVE))
-    pairwise: str = "softmax"
-    local_loss: bool = False
-    mix_weight: float = 0.5
-    mlm_probability: float = 0.15
-    momentum: float = 0.0
-    sigmoid_bias_init: float = -10.0
-    xmc_form: str = "same-pair"
-    cmc_fraction: float = 1.0
-    temperature: float | None = None
-    cmc_context: str = "pair"
-    cmc_target: str = "mixup"
-    joint_negatives: str = "batch"
-    joint_margin: float = 0.0
-    quad_pooling: str = "mean"
+    weights: dict[str, float] = _setting(
+        parse_objective(DEFAULT_OBJECTIVE), flag="objective", type=str,
+        help="terms joined by '+', each optionally ':weight', from itc, xmc, cic, cmc, quad, mlm (e.g. itc, xmc+cmc, "
+        "xmc+cmc+quad:0.5, itc+xmc+cmc:0.5+mlm:0.1)")
+    pairwise: str = _setting("softmax", "InfoNCE (CLIP) or the pairwise sigmoid loss (SigLIP) for every contrastive term",
+                             choices=PAIRWISE_KINDS, flag="pairwise_loss")
+    local_loss: bool = _setting(False, "score local rows against gathered columns only (open_clip --local-loss)")
+    mix_weight: float = _setting(0.5, "lam of the mixup lam*z_I + (1-lam)*z_T [inferred]")
+    mlm_probability: float = _setting(0.15, "fraction of caption words masked for the mlm term")
+    momentum: float = _setting(0.0, "EMA target encoder momentum (cosine to 1) producing the mixup targets; 0 = off "
+                               "[inferred]")
+    xmc_form: str = _setting("cross-pair", "XMC's mixup: image i + text i (paper, inferred) or image i + text of another "
+                             "pair with soft targets (ours; no shortcut)", choices=XMC_FORMS)
+    cmc_fraction: float = _setting(0.5, "fraction of each batch that gets CMC's joint pass (1 = all); the joint pass "
+                                   "costs about as much as the image and text passes together")
+    temperature: float | None = _setting(None, "fixed temperature of every contrastive term (MoCo v3: 0.2); unset = "
+                                         "learned logit scale (CLIP)", type=float)
+    cmc_context: str = _setting("mosaic", "image of CMC's joint pass: the pair's own (paper) or a 2x2 mosaic with 3 "
+                                "other batch images (ours)", choices=CMC_CONTEXTS)
+    cmc_target: str = _setting("mixup", "what CMC's joint embedding is scored against: the pair's mixup (paper, "
+                               "inferred) or its own image embedding", choices=CMC_TARGETS)
+    joint_negatives: str = _setting("batch", "CMC's negatives: the other pairs, or also each caption over the next "
+                                    "pair's context (ours: the text alone cannot win)", choices=JOINT_NEGATIVES)
+    joint_margin: float = _setting(0.0, "hinge asking cos(joint, target) > cos(caption alone, target) + margin, added "
+                                   "to CMC; 0 = off")
+    quad_pooling: str = _setting("mean", "how the quad term pools a mosaic quadrant's patches: their mean (CLIM) or a "
+                                 "softmax over them conditioned on each text (PACL)", choices=QUAD_POOLINGS)
+
+    @classmethod
+    def from_flags(cls, flags) -> "ObjectiveConfig":
+        """The config train.py's parsed flags describe (an argparse namespace or any object with one
+        attribute per flag). Raises ValueError naming the flag for a bad `--objective` and naming the
+        setting for any other bad value."""
+        values = {}
+        for setting in fields(cls):
+            value = getattr(flags, flag_name(setting))
+            if setting.name == "weights":
+                try:
+                    value = parse_objective(value)
+                except ValueError as e:
+                    raise ValueError(f"--objective: {e}") from None
+            values[setting.name] = value
+        return cls(**values)
 
     def __post_init__(self) -> None:
         if self.pairwise not in PAIRWISE_KINDS:
@@ -183,7 +224,7 @@ class ObjectiveConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.xmc_form not in XMC_FORMS:
             raise ValueError(f"xmc_form must be one of {XMC_FORMS}, got {self.xmc_form!r}")
-        if self.xmc_form == "cross-pair" and self.pairwise != "softmax":
+        if self.xmc_form == "cross-pair" and self.weights.get("xmc", 0) > 0 and self.pairwise != "softmax":
             raise ValueError("xmc_form 'cross-pair' scores soft targets and needs the softmax pairwise loss")
         if self.cmc_context not in CMC_CONTEXTS:
             raise ValueError(f"cmc_context must be one of {CMC_CONTEXTS}, got {self.cmc_context!r}")
@@ -191,7 +232,7 @@ class ObjectiveConfig:
             raise ValueError(f"cmc_target must be one of {CMC_TARGETS}, got {self.cmc_target!r}")
         if self.joint_negatives not in JOINT_NEGATIVES:
             raise ValueError(f"joint_negatives must be one of {JOINT_NEGATIVES}, got {self.joint_negatives!r}")
-        if self.joint_negatives == "shared_text" and self.pairwise != "softmax":
+        if self.joint_negatives == "shared_text" and self.weights.get("cmc", 0) > 0 and self.pairwise != "softmax":
             raise ValueError("joint_negatives 'shared_text' scores extra negatives and needs the softmax pairwise loss")
         if self.weights.get("quad", 0) > 0 and self.pairwise != "softmax":
             raise ValueError("the quad term scores several regions per caption and needs the softmax pairwise loss")
@@ -216,6 +257,11 @@ class ObjectiveConfig:
     def uses_mixup(self) -> bool:
         terms = ("xmc", "cic", "cmc") if self.cmc_target == "mixup" else ("xmc", "cic")
         return any(self.weights.get(name, 0) > 0 for name in terms)
+
+
+def flag_name(setting: Field) -> str:
+    """train.py's flag (without dashes) for a field of `ObjectiveConfig`."""
+    return setting.metadata.get("flag") or setting.name
 
 
 # ---------------------------------------------------------------------------------------------

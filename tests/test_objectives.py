@@ -18,7 +18,8 @@ def batch(tiny_processor):
 
 
 def _run(model, batch, objective, tokenizer=None, **config):
-    config = ObjectiveConfig(weights=parse_objective(objective), **config)
+    # every row gets the joint pass unless a test says otherwise (train.py's default is half of them)
+    config = ObjectiveConfig(weights=parse_objective(objective), **{"cmc_fraction": 1.0, **config})
     pretrainer = OneRPretrainer(model.train(), config)
     batch = dict(batch)
     if "mlm" in config.weights:
@@ -49,7 +50,7 @@ def test_each_term_is_finite_and_reaches_the_shared_weights(tiny_model, tiny_pro
 
 
 def test_sigmoid_form_and_its_bias(tiny_model, batch):
-    loss, parts, pretrainer = _run(tiny_model, batch, "xmc+cmc", pairwise="sigmoid")
+    loss, parts, pretrainer = _run(tiny_model, batch, "xmc+cmc", pairwise="sigmoid", xmc_form="same-pair")
     loss.backward()
     assert torch.isfinite(loss) and pretrainer.logit_bias.grad is not None
 
@@ -456,7 +457,7 @@ def test_image_target_and_shared_text_negatives_in_the_pretrainer(tiny_model, ba
 def test_quad_term_pools_the_mosaic_patches_the_pointing_game_reads(tiny_model, batch6):
     from oner.objectives import mosaic, quadrant_patches
 
-    config = ObjectiveConfig(weights=parse_objective("xmc+quad:0.5"))
+    config = ObjectiveConfig(weights=parse_objective("xmc+quad:0.5"), cmc_fraction=1.0)
     assert config.passes == {"image", "text", "quad"}
     pretrainer = OneRPretrainer(tiny_model, config)
     torch.manual_seed(0)

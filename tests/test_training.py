@@ -89,12 +89,13 @@ def test_paper_config_parses():
 
 
 def test_flags_override_the_config_file(tmp_path):
+    from oner.objectives import ObjectiveConfig
     from oner.training import parse_args
 
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"learning_rate": 0.01, "objective": "itc"}))
     args = parse_args(["--config", str(cfg), "--objective", "xmc:2+cic"])
-    assert args.learning_rate == 0.01 and args.objective_weights == {"xmc": 2.0, "cic": 1.0}
+    assert args.learning_rate == 0.01 and ObjectiveConfig.from_flags(args).weights == {"xmc": 2.0, "cic": 1.0}
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -657,3 +658,33 @@ def test_the_first_logged_losses_are_pinned(pairs_dir, tmp_path, name):
         assert (image, text) == (pytest.approx(PINNED_EMBEDDINGS[0], rel=1e-3, abs=1e-5),
                                  pytest.approx(PINNED_EMBEDDINGS[1], rel=1e-3, abs=1e-5))
         assert model.logit_scale.item() == pytest.approx(2.302585, rel=1e-6) and model.logit_bias is not None
+
+
+def test_the_objective_flags_are_objective_config_fields_with_its_defaults():
+    import dataclasses
+
+    from oner.objectives import ObjectiveConfig, flag_name
+    from oner.training import parse_args
+    from oner.training.args import build_parser
+
+    assert ObjectiveConfig.from_flags(parse_args([])) == ObjectiveConfig()  # train.py's defaults are the config's
+    group = next(g for g in build_parser()._action_groups if g.title == "objective")
+    flags = {a.dest: a for a in group._group_actions}
+    assert set(flags) == {flag_name(f) for f in dataclasses.fields(ObjectiveConfig)}
+    assert flags["xmc_form"].choices == ("same-pair", "cross-pair") and flags["cmc_context"].default == "mosaic"
+    changed = parse_args(["--objective", "itc", "--pairwise_loss", "sigmoid", "--cmc_fraction", "0.25", "--local_loss"])
+    assert ObjectiveConfig.from_flags(changed) == ObjectiveConfig(weights={"itc": 1.0}, pairwise="sigmoid",
+                                                                  cmc_fraction=0.25, local_loss=True)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--objective", "xmc+nope"], "--objective: unknown objective term 'nope'"),
+    (["--cmc_fraction", "0"], "objective settings: cmc_fraction must be in (0, 1]"),
+    (["--pairwise_loss", "sigmoid"], "objective settings: xmc_form 'cross-pair' scores soft targets"),
+])
+def test_a_bad_objective_setting_names_it(capsys, argv, message):
+    from oner.training import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -9,12 +9,13 @@ with one clear message and exit status 2 (argparse's convention).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from oner.flags import accept_aliases, dests_by_name
-from oner.objectives import DEFAULT_OBJECTIVE, parse_objective
+from oner.objectives import ObjectiveConfig, flag_name
 
 ARCHITECTURES = ("oner", "clip")
 PRESETS = ("tiny", "small", "base-patch16-224")
@@ -68,6 +69,21 @@ def _bool(value: str) -> bool:
 
 def _flag(parser, name: str, default: bool, help: str) -> None:
     parser.add_argument(name, type=_bool, nargs="?", const=True, default=default, help=help)
+
+
+def add_objective_flags(group) -> None:
+    """One flag per field of `ObjectiveConfig`, with its default, choices and help: the objective's
+    settings have one source, and `ObjectiveConfig.from_flags` reads them back."""
+    for setting in dataclasses.fields(ObjectiveConfig):
+        meta, name = setting.metadata, "--" + flag_name(setting)
+        default = ObjectiveConfig().weights if setting.default is dataclasses.MISSING else setting.default
+        if setting.name == "weights":
+            default = "+".join(term if weight == 1 else f"{term}:{weight:g}" for term, weight in default.items())
+        if isinstance(default, bool):
+            _flag(group, name, default, meta["help"])
+        else:
+            group.add_argument(name, type=meta["type"] or type(default), default=default, choices=meta["choices"],
+                               help=meta["help"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,32 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataloader_num_workers", type=int, default=0,
                    help="loader processes; 0 loads in the training process (cheap for the embedded data, and no worker competes with the compute threads)")
 
-    g = p.add_argument_group("objective")
-    g.add_argument("--objective", default=DEFAULT_OBJECTIVE,
-                   help="terms joined by '+', each optionally ':weight', from itc, xmc, cic, cmc, quad, mlm (e.g. itc, xmc+cmc, xmc+cmc+quad:0.5, itc+xmc+cmc:0.5+mlm:0.1)")
-    g.add_argument("--pairwise_loss", default="softmax", choices=("softmax", "sigmoid"),
-                   help="InfoNCE (CLIP) or the pairwise sigmoid loss (SigLIP) for every contrastive term")
-    _flag(g, "--local_loss", False, "score local rows against gathered columns only (open_clip --local-loss)")
-    g.add_argument("--mix_weight", type=float, default=0.5, help="lam of the mixup lam*z_I + (1-lam)*z_T [inferred]")
-    g.add_argument("--mlm_probability", type=float, default=0.15, help="fraction of caption words masked for the mlm term")
-    g.add_argument("--xmc_form", default="cross-pair", choices=("same-pair", "cross-pair"),
-                   help="XMC's mixup: image i + text i (paper, inferred) or image i + text of another pair with soft targets (ours; no shortcut)")
-    g.add_argument("--cmc_fraction", type=float, default=0.5,
-                   help="fraction of each batch that gets CMC's joint pass (1 = all); the joint pass costs about as much as the image and text passes together")
-    g.add_argument("--cmc_context", default="mosaic", choices=("pair", "mosaic"),
-                   help="image of CMC's joint pass: the pair's own (paper) or a 2x2 mosaic with 3 other batch images (ours)")
-    g.add_argument("--cmc_target", default="mixup", choices=("mixup", "image"),
-                   help="what CMC's joint embedding is scored against: the pair's mixup (paper, inferred) or its own image embedding")
-    g.add_argument("--joint_negatives", default="batch", choices=("batch", "shared_text"),
-                   help="CMC's negatives: the other pairs, or also each caption over the next pair's context (ours: the text alone cannot win)")
-    g.add_argument("--joint_margin", type=float, default=0.0,
-                   help="hinge asking cos(joint, target) > cos(caption alone, target) + margin, added to CMC; 0 = off")
-    g.add_argument("--quad_pooling", default="mean", choices=("mean", "text_softmax"),
-                   help="how the quad term pools a mosaic quadrant's patches: their mean (CLIM) or a softmax over them conditioned on each text (PACL)")
-    g.add_argument("--temperature", type=float, default=None,
-                   help="fixed temperature of every contrastive term (MoCo v3: 0.2); unset = learned logit scale (CLIP)")
-    g.add_argument("--momentum", type=float, default=0.0,
-                   help="EMA target encoder momentum (cosine to 1) producing the mixup targets; 0 = off [inferred]")
+    add_objective_flags(p.add_argument_group("objective"))
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--max_steps", type=int, default=DEFAULT_MAX_STEPS,
@@ -295,27 +286,16 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     if "max_steps" not in explicit and explicit & {"num_train_epochs", "max_train_minutes"}:
         args.max_steps = None  # the user's epochs or time budget, not the default step count, set the schedule
     try:
-        args.objective_weights = parse_objective(args.objective)
+        objective = ObjectiveConfig.from_flags(args)
     except ValueError as e:
-        parser.error(f"--objective: {e}")
-    if args.architecture == "clip" and set(args.objective_weights) != {"itc"}:
+        parser.error(f"objective settings: {e}" if not str(e).startswith("--") else str(e))
+    if args.architecture == "clip" and set(objective.weights) != {"itc"}:
         parser.error(f"--architecture clip trains with ITC only (two towers have no joint pass); got --objective {args.objective}")
     if args.architecture == "clip" and args.pairwise_loss == "sigmoid":
         parser.error("--architecture clip trains transformers' CLIPModel, which has no logit bias to save for the "
                      "sigmoid loss: train the baseline with --pairwise_loss softmax")
     if args.architecture == "clip" and args.momentum > 0:
         parser.error("--momentum makes the mixup targets of XMC/CIC/CMC; --architecture clip trains ITC only")
-    try:
-        from oner.objectives import ObjectiveConfig
-
-        ObjectiveConfig(weights=args.objective_weights, pairwise=args.pairwise_loss, mix_weight=args.mix_weight,
-                        mlm_probability=args.mlm_probability, momentum=args.momentum, xmc_form=args.xmc_form,
-                        cmc_fraction=args.cmc_fraction, temperature=args.temperature,
-                        cmc_context=args.cmc_context, cmc_target=args.cmc_target,
-                        joint_negatives=args.joint_negatives, joint_margin=args.joint_margin,
-                        quad_pooling=args.quad_pooling)
-    except ValueError as e:
-        parser.error(f"objective settings: {e}")
     if args.mixed_precision == "fp32":
         args.mixed_precision = "no"
     for name in ("per_device_batch_size", "accum_freq", "max_nonfinite_steps", "logging_steps"):

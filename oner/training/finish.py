@@ -12,6 +12,7 @@ from pathlib import Path
 from modeling_oner import OneRModel
 from oner.baseline import CLIPAsOneR, save_clip_folder
 from oner.hub import publish
+from oner.objectives import ObjectiveConfig
 from oner.model_folder import SUMMARY_FILE, complete_folder, save_model_folder
 
 from .data import StreamingPairs
@@ -28,6 +29,7 @@ def save_trained_folder(model: OneRModel | CLIPAsOneR, processor, output_dir: Pa
 def training_summary(args, model, state, dataset, records: list[dict], global_batch: int, data_stats: dict) -> dict:
     """What ran, for `training_summary.json` and the model card (unset entries left out)."""
     streamed = isinstance(dataset, StreamingPairs)
+    weights = ObjectiveConfig.from_flags(args).weights
     summary = {
         "architecture": args.architecture,
         "preset": args.preset,
@@ -35,13 +37,13 @@ def training_summary(args, model, state, dataset, records: list[dict], global_ba
         "continued_from": getattr(args, "source_model", None),
         "base_model": None if getattr(args, "source_is_local", True) else args.model_name_or_path,
         "objective": args.objective,
-        "xmc_form": args.xmc_form if "xmc" in args.objective_weights else None,
-        "cmc_context": args.cmc_context if "cmc" in args.objective_weights else None,
-        "cmc_fraction": args.cmc_fraction if "cmc" in args.objective_weights else None,
-        "cmc_target": args.cmc_target if "cmc" in args.objective_weights else None,
-        "joint_negatives": args.joint_negatives if "cmc" in args.objective_weights else None,
-        "joint_margin": args.joint_margin if "cmc" in args.objective_weights else None,
-        "quad_pooling": args.quad_pooling if "quad" in args.objective_weights else None,
+        "xmc_form": args.xmc_form if "xmc" in weights else None,
+        "cmc_context": args.cmc_context if "cmc" in weights else None,
+        "cmc_fraction": args.cmc_fraction if "cmc" in weights else None,
+        "cmc_target": args.cmc_target if "cmc" in weights else None,
+        "joint_negatives": args.joint_negatives if "cmc" in weights else None,
+        "joint_margin": args.joint_margin if "cmc" in weights else None,
+        "quad_pooling": args.quad_pooling if "quad" in weights else None,
         "temperature": args.temperature,
         "pooling": getattr(model.config, "pooling", None),
         "pairwise_loss": args.pairwise_loss,

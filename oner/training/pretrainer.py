@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling_oner.modeling_oner import l2_normalize
-from oner.objectives import ObjectiveConfig, mosaic, quadrant_patches
+from oner.objectives import SIGMOID_BIAS_INIT, ObjectiveConfig, mosaic, quadrant_patches
 
 from .mlm import MLMHead
 
@@ -53,8 +53,8 @@ class OneRPretrainer(nn.Module):
         )
         if config.pairwise == "sigmoid" and getattr(model, "logit_bias", None) is None:
             # The sigmoid loss's bias belongs to the model (saved with it, used by its scores).
-            model.config.logit_bias_init = float(config.sigmoid_bias_init)
-            model.logit_bias = nn.Parameter(torch.tensor(float(config.sigmoid_bias_init)))
+            model.config.logit_bias_init = SIGMOID_BIAS_INIT
+            model.logit_bias = nn.Parameter(torch.tensor(SIGMOID_BIAS_INIT))
         if config.temperature is not None:
             # Saved with the model, so that its logits are those it was trained with.
             with torch.no_grad():

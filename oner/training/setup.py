@@ -108,7 +108,7 @@ def build_model(args):
             model, processor = build_clip(config)
         else:
             model, processor = OneRModel(config), build_processor(config)
-    pretrainer = OneRPretrainer(model, objective_config(args))
+    pretrainer = OneRPretrainer(model, ObjectiveConfig.from_flags(args))
     if args.gradient_checkpointing:
         # Non-reentrant checkpointing works with DDP and with parameters unused by some passes.
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
@@ -137,25 +137,6 @@ def load_source_model(args):
     for key, value in apply.items():
         setattr(config, key, value)
     return model, processor, config
-
-
-def objective_config(args) -> ObjectiveConfig:
-    return ObjectiveConfig(
-        weights=args.objective_weights,
-        pairwise=args.pairwise_loss,
-        local_loss=args.local_loss,
-        mix_weight=args.mix_weight,
-        mlm_probability=args.mlm_probability,
-        momentum=args.momentum,
-        xmc_form=args.xmc_form,
-        cmc_fraction=args.cmc_fraction,
-        temperature=args.temperature,
-        cmc_context=args.cmc_context,
-        cmc_target=args.cmc_target,
-        joint_negatives=args.joint_negatives,
-        joint_margin=args.joint_margin,
-        quad_pooling=args.quad_pooling,
-    )
 
 
 # Devices with a fused AdamW kernel in torch (torch.optim.adamw; checked again when it steps).
@@ -359,7 +340,7 @@ def setup(args) -> Run:
             for old in list_checkpoints(output_dir):
                 shutil.rmtree(old)
 
-    objective = Objective(objective_config(args))
+    objective = Objective(ObjectiveConfig.from_flags(args))
     model_class = type(model)  # before `prepare`: FSDP2 changes the class
     n_params = sum(p.numel() for p in model.parameters())  # before FSDP leaves each process its shard
     if needs_vector_scalars(accelerator):
@@ -423,7 +404,7 @@ def setup(args) -> Run:
         args=args, accelerator=accelerator, pretrainer=pretrainer, model=model, processor=processor, config=config,
         dataset=dataset, dataloader=dataloader, streamed=streamed, batches_per_epoch=batches_per_epoch,
         objective=objective, optimizer=optimizer, scheduler=scheduler, state=state, ema=ema,
-        subwords=subword_table(processor.tokenizer) if "mlm" in args.objective_weights else None,
+        subwords=subword_table(processor.tokenizer) if "mlm" in objective.config.weights else None,
         resume=resume, log=log, output_dir=output_dir, model_class=model_class,
         resume_epoch=resumed_state.get("epoch", 0),
         global_batch=global_batch,
