@@ -296,6 +296,70 @@ class OneRProjectionHead(nn.Module):
         return self.proj(hidden_states)
 
 
+# ---------------------------------------------------------------------------- input checks
+# Plain functions of the inputs and the few config numbers they need, so each check can be read and
+# tested on its own. They raise before any encoding, with a message that says what to change.
+
+
+def check_input_kinds(input_ids: Any, pixel_values: Any, cross_modal_attention: bool) -> None:
+    """Checks that there is something to encode, and both parts when the CIC mask is asked for."""
+    if input_ids is None and pixel_values is None:
+        raise ValueError("pass pixel_values, input_ids or both")
+    if cross_modal_attention and (input_ids is None or pixel_values is None):
+        raise ValueError("cross_modal_attention needs a joint input: pass both pixel_values and input_ids")
+
+
+def check_pixel_values(pixel_values: Any, num_channels: int) -> None:
+    """Checks that `pixel_values` is a non-empty `(batch, num_channels, height, width)` tensor.
+
+    The image size is checked by [`OneREmbeddings.embed_image`], which knows about
+    `interpolate_pos_encoding`.
+    """
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if pixel_values.ndim != 4:
+        raise ValueError(
+            f"pixel_values must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}"
+        )
+    if pixel_values.shape[0] == 0:
+        raise ValueError("pixel_values is an empty batch")
+    if pixel_values.shape[1] != num_channels:
+        raise ValueError(f"pixel_values have {pixel_values.shape[1]} channels but the model expects {num_channels}")
+
+
+def check_text_inputs(input_ids: Any, attention_mask: torch.Tensor | None, max_positions: int) -> None:
+    """Checks `input_ids` `(batch, length)` integer ids, at most `max_positions` long, and
+    `attention_mask` (if given) of the same shape with at least one real token in every row."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape (batch, length) with both > 0, got {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point:
+        raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.shape[1] > max_positions:
+        raise ValueError(
+            f"text is {input_ids.shape[1]} tokens long but the model has {max_positions} "
+            "text positions; truncate it (OneRProcessor does with truncation=True)"
+        )
+    if attention_mask is None:
+        return
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+        )
+    empty = (attention_mask == 0).all(dim=1).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"texts at batch positions {empty} have no tokens (all-zero attention_mask)")
+
+
+def check_one_text_per_image(num_images: int, num_texts: int) -> None:
+    """A joint sequence pairs image i with text i, so both batches must have the same size."""
+    if num_images != num_texts:
+        raise ValueError(
+            f"a joint image+text input needs one text per image: got {num_images} images and {num_texts} texts"
+        )
+
+
 class OneRPreTrainedModel(PreTrainedModel):
     config_class = OneRConfig
     base_model_prefix = "oner"
@@ -367,46 +431,6 @@ class OneRModel(OneRPreTrainedModel):
         self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
         self.post_init()
 
-    # ------------------------------------------------------------------ input checks
-    def _check_pixel_values(self, pixel_values: Any) -> torch.Tensor:
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-        if pixel_values.ndim != 4:
-            raise ValueError(
-                f"pixel_values must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}"
-            )
-        if pixel_values.shape[0] == 0:
-            raise ValueError("pixel_values is an empty batch")
-        if pixel_values.shape[1] != self.config.num_channels:
-            raise ValueError(
-                f"pixel_values have {pixel_values.shape[1]} channels but the model expects {self.config.num_channels}"
-            )
-        return pixel_values
-
-    def _check_text(
-        self, input_ids: Any, attention_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-        if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must have shape (batch, length) with both > 0, got {tuple(input_ids.shape)}")
-        if input_ids.dtype.is_floating_point:
-            raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(
-                f"text is {input_ids.shape[1]} tokens long but the model has {self.config.max_position_embeddings} "
-                "text positions; truncate it (OneRProcessor does with truncation=True)"
-            )
-        if attention_mask is not None:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(
-                    f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
-                )
-            empty = (attention_mask == 0).all(dim=1).nonzero().flatten().tolist()
-            if empty:
-                raise ValueError(f"texts at batch positions {empty} have no tokens (all-zero attention_mask)")
-        return input_ids, attention_mask
-
     # ------------------------------------------------------------------ the shared tower
     def forward_features(
         self,
@@ -438,38 +462,10 @@ class OneRModel(OneRPreTrainedModel):
             final LayerNorm and `pooler_output` `(batch, hidden)`, pooled as `config.pooling` says
             (the [CLS] token, the mean of the other non-padding tokens, or the average of both).
         """
-        if input_ids is None and pixel_values is None:
-            raise ValueError("pass pixel_values, input_ids or both")
-        if cross_modal_attention and (input_ids is None or pixel_values is None):
-            raise ValueError("cross_modal_attention needs a joint input: pass both pixel_values and input_ids")
-
-        parts, masks = [], []
-        if pixel_values is not None:
-            pixel_values = self._check_pixel_values(pixel_values)
-            image_tokens = self.embeddings.embed_image(pixel_values, interpolate_pos_encoding)
-            parts.append(image_tokens)
-            masks.append(torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=image_tokens.device))
-        if input_ids is not None:
-            input_ids, attention_mask = self._check_text(input_ids, attention_mask)
-            text_tokens = self.embeddings.embed_text(input_ids, position_ids)
-            parts.append(text_tokens)
-            text_mask = (
-                attention_mask.bool()
-                if attention_mask is not None
-                else torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-            )
-            masks.append(text_mask)
-        batch_sizes = {part.shape[0] for part in parts}
-        if len(batch_sizes) > 1:
-            raise ValueError(
-                f"a joint image+text input needs one text per image: got {parts[0].shape[0]} images "
-                f"and {parts[1].shape[0]} texts"
-            )
-        batch = parts[0].shape[0]
-        hidden_states = torch.cat([self.embeddings.cls(batch).to(parts[0].dtype), *parts], dim=1)
-        key_mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=hidden_states.device), *masks], dim=1)
-
-        num_image_tokens = parts[0].shape[1] if pixel_values is not None else 0
+        check_input_kinds(input_ids, pixel_values, cross_modal_attention)
+        hidden_states, key_mask, num_image_tokens = self._embed_sequence(
+            input_ids, attention_mask, pixel_values, position_ids, interpolate_pos_encoding
+        )
         if cross_modal_attention:
             attention_mask_4d = self._cross_modal_mask(key_mask, num_image_tokens=num_image_tokens)
         elif key_mask.all():
@@ -490,6 +486,45 @@ class OneRModel(OneRPreTrainedModel):
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
         )
+
+    def _embed_sequence(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        interpolate_pos_encoding: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Checks the inputs and embeds them as ONE sequence `[CLS] + patches + words` (either part optional).
+
+        Returns:
+            `hidden_states` `(batch, 1 + num_image_tokens + length, hidden_size)`;
+            `key_mask` `(batch, 1 + num_image_tokens + length)` boolean, True for [CLS], every patch
+            and every non-padding word (the keys a query may attend to);
+            `num_image_tokens`, the number of patch tokens after [CLS] (0 for a text-only input).
+        """
+        parts, masks = [], []
+        if pixel_values is not None:
+            check_pixel_values(pixel_values, self.config.num_channels)
+            image_tokens = self.embeddings.embed_image(pixel_values, interpolate_pos_encoding)
+            parts.append(image_tokens)
+            masks.append(torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=image_tokens.device))
+        if input_ids is not None:
+            check_text_inputs(input_ids, attention_mask, self.config.max_position_embeddings)
+            parts.append(self.embeddings.embed_text(input_ids, position_ids))
+            text_mask = (
+                attention_mask.bool()
+                if attention_mask is not None
+                else torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+            )
+            masks.append(text_mask)
+        if len(parts) == 2:
+            check_one_text_per_image(num_images=parts[0].shape[0], num_texts=parts[1].shape[0])
+        batch = parts[0].shape[0]
+        hidden_states = torch.cat([self.embeddings.cls(batch).to(parts[0].dtype), *parts], dim=1)
+        key_mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=hidden_states.device), *masks], dim=1)
+        num_image_tokens = parts[0].shape[1] if pixel_values is not None else 0
+        return hidden_states, key_mask, num_image_tokens
 
     def pool(self, last_hidden_state: torch.Tensor, key_mask: torch.Tensor, num_image_tokens: int = 0) -> torch.Tensor:
         """`(batch, seq, hidden)` -> `(batch, hidden)` as `config.pooling` says.
