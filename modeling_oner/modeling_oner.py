@@ -360,6 +360,51 @@ def check_one_text_per_image(num_images: int, num_texts: int) -> None:
         )
 
 
+# ---------------------------------------------------------------------------- attention masks
+# Boolean, True = may attend, broadcastable to `(batch, heads, query, key)`: the form that both
+# `eager_attention_forward` and torch's SDPA take, so no additive float mask is built (and
+# transformers 5 no longer has `modeling_attn_mask_utils` to build one).
+
+
+def sequence_modalities(seq_len: int, num_image_tokens: int, device: torch.device) -> torch.Tensor:
+    """The modality id of each position of `[CLS] + patches + words`, `(seq_len,)`:
+    `CLS_MODALITY` at 0, `IMAGE_MODALITY` for the next `num_image_tokens`, `TEXT_MODALITY` after."""
+    modality = torch.full((seq_len,), TEXT_MODALITY, device=device)
+    modality[0] = CLS_MODALITY
+    modality[1 : 1 + num_image_tokens] = IMAGE_MODALITY
+    return modality
+
+
+def cross_modal_attention_mask(key_mask: torch.Tensor, num_image_tokens: int) -> torch.Tensor:
+    """The CIC pass's mask, `(batch, 1, seq, seq)`: each modality attends only to the other; [CLS] to all.
+
+    `key_mask` `(batch, seq)` is True for [CLS] and every non-padding token; padding is never
+    attended. Patch and word queries do not read [CLS] either, so the only route from one modality
+    to the embedding of the other is the cross-modal attention itself.
+    """
+    modality = sequence_modalities(key_mask.shape[1], num_image_tokens, key_mask.device)
+    is_cls_query = modality[:, None] == CLS_MODALITY
+    other_modality = (modality[:, None] != modality[None, :]) & (modality[None, :] != CLS_MODALITY)
+    allowed = is_cls_query | other_modality  # (seq, seq): query x key
+    return allowed[None, None] & key_mask[:, None, None, :]
+
+
+def encoder_attention_mask(
+    key_mask: torch.Tensor, num_image_tokens: int, cross_modal_attention: bool
+) -> torch.Tensor | None:
+    """The mask the encoder gets for a `[CLS] + patches + words` sequence with key mask `(batch, seq)`.
+
+    Returns `cross_modal_attention_mask` `(batch, 1, seq, seq)` for the CIC pass; otherwise
+    `(batch, 1, 1, seq)` hiding the padding from every query, or None when there is no padding,
+    which lets SDPA pick its fastest kernel.
+    """
+    if cross_modal_attention:
+        return cross_modal_attention_mask(key_mask, num_image_tokens)
+    if key_mask.all():
+        return None
+    return key_mask[:, None, None, :]
+
+
 class OneRPreTrainedModel(PreTrainedModel):
     config_class = OneRConfig
     base_model_prefix = "oner"
@@ -466,16 +511,9 @@ class OneRModel(OneRPreTrainedModel):
         hidden_states, key_mask, num_image_tokens = self._embed_sequence(
             input_ids, attention_mask, pixel_values, position_ids, interpolate_pos_encoding
         )
-        if cross_modal_attention:
-            attention_mask_4d = self._cross_modal_mask(key_mask, num_image_tokens=num_image_tokens)
-        elif key_mask.all():
-            attention_mask_4d = None  # no padding: lets SDPA pick its fastest kernel
-        else:
-            attention_mask_4d = key_mask[:, None, None, :]
-
         encoded = self.encoder(
             hidden_states,
-            attention_mask=attention_mask_4d,
+            attention_mask=encoder_attention_mask(key_mask, num_image_tokens, cross_modal_attention),
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
@@ -547,18 +585,6 @@ class OneRModel(OneRPreTrainedModel):
                 means.append((tokens[:, span] * w).sum(dim=1) / w.sum(dim=1).clamp(min=1))
         mean = torch.stack(means).mean(dim=0)
         return mean if self.config.pooling == "mean" else (cls + mean) / 2
-
-    @staticmethod
-    def _cross_modal_mask(key_mask: torch.Tensor, num_image_tokens: int) -> torch.Tensor:
-        """`(batch, 1, seq, seq)` boolean mask: each modality attends only to the other; [CLS] to all."""
-        seq = key_mask.shape[1]
-        modality = torch.full((seq,), TEXT_MODALITY, device=key_mask.device)
-        modality[0] = CLS_MODALITY
-        modality[1 : 1 + num_image_tokens] = IMAGE_MODALITY
-        is_cls_query = modality[:, None] == CLS_MODALITY
-        other_modality = (modality[:, None] != modality[None, :]) & (modality[None, :] != CLS_MODALITY)
-        allowed = is_cls_query | other_modality  # (seq, seq): query x key
-        return allowed[None, None] & key_mask[:, None, None, :]
 
     def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The shared head: `(..., hidden_size)` -> `(..., projection_dim)`."""
