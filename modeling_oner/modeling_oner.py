@@ -405,6 +405,49 @@ def encoder_attention_mask(
     return key_mask[:, None, None, :]
 
 
+# ---------------------------------------------------------------------------- pooling
+
+
+def masked_mean(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean of `tokens` `(batch, n, hidden)` over the tokens whose weight `(batch, n)` is 1 (0 for
+    padding): `(batch, hidden)`. A row without any such token gives zeros instead of NaN."""
+    weights = weights[..., None]
+    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+def modality_balanced_mean(tokens: torch.Tensor, token_mask: torch.Tensor, num_image_tokens: int) -> torch.Tensor:
+    """Mean of the non-padding `tokens` `(batch, n, hidden)`, [CLS] excluded, `(batch, hidden)`.
+
+    `token_mask` `(batch, n)` is True for non-padding tokens; the first `num_image_tokens` tokens
+    are patches, the rest words. With both, the result is the average of the patches' mean and the
+    words' mean, so a joint sequence weighs its image and its text equally (as the mixup it is
+    trained towards does) instead of by token count.
+    """
+    weights = token_mask.to(tokens.dtype)
+    spans = [slice(0, num_image_tokens), slice(num_image_tokens, None)] if num_image_tokens else [slice(None)]
+    means = [masked_mean(tokens[:, span], weights[:, span]) for span in spans if tokens[:, span].shape[1]]
+    return torch.stack(means).mean(dim=0)
+
+
+def pool_sequence(
+    last_hidden_state: torch.Tensor, key_mask: torch.Tensor, pooling: str, num_image_tokens: int = 0
+) -> torch.Tensor:
+    """One vector per sequence: `(batch, seq, hidden)` -> `(batch, hidden)`.
+
+    Args:
+        last_hidden_state: the encoder's output `[CLS] + patches + words` after the final LayerNorm.
+        key_mask: `(batch, seq)`, True for [CLS] (position 0) and every non-padding token.
+        pooling: `"cls"` (the [CLS] output), `"mean"` ([`modality_balanced_mean`] of the other
+            tokens) or `"cls+mean"` (the average of the two).
+        num_image_tokens: how many tokens after [CLS] are patches (0 for a text-only sequence).
+    """
+    cls = last_hidden_state[:, 0]
+    if pooling == "cls":
+        return cls
+    mean = modality_balanced_mean(last_hidden_state[:, 1:], key_mask[:, 1:], num_image_tokens)
+    return mean if pooling == "mean" else (cls + mean) / 2
+
+
 class OneRPreTrainedModel(PreTrainedModel):
     config_class = OneRConfig
     base_model_prefix = "oner"
@@ -565,26 +608,8 @@ class OneRModel(OneRPreTrainedModel):
         return hidden_states, key_mask, num_image_tokens
 
     def pool(self, last_hidden_state: torch.Tensor, key_mask: torch.Tensor, num_image_tokens: int = 0) -> torch.Tensor:
-        """`(batch, seq, hidden)` -> `(batch, hidden)` as `config.pooling` says.
-
-        `key_mask` `(batch, seq)` is True for [CLS] (position 0) and every non-padding token; the first
-        `num_image_tokens` tokens after [CLS] are patches. The token mean averages each modality's own
-        mean, so a joint `[CLS] + patches + words` sequence weighs its image and its text equally (as
-        the mixup it is trained towards does) instead of by token count.
-        """
-        cls = last_hidden_state[:, 0]
-        if self.config.pooling == "cls":
-            return cls
-        weights = key_mask[:, 1:].to(last_hidden_state.dtype)
-        tokens = last_hidden_state[:, 1:]
-        spans = [slice(0, num_image_tokens), slice(num_image_tokens, None)] if num_image_tokens else [slice(None)]
-        means = []
-        for span in spans:
-            w = weights[:, span, None]
-            if w.shape[1]:
-                means.append((tokens[:, span] * w).sum(dim=1) / w.sum(dim=1).clamp(min=1))
-        mean = torch.stack(means).mean(dim=0)
-        return mean if self.config.pooling == "mean" else (cls + mean) / 2
+        """`(batch, seq, hidden)` -> `(batch, hidden)` as `config.pooling` says; see [`pool_sequence`]."""
+        return pool_sequence(last_hidden_state, key_mask, self.config.pooling, num_image_tokens=num_image_tokens)
 
     def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The shared head: `(..., hidden_size)` -> `(..., projection_dim)`."""
