@@ -82,6 +82,17 @@ def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
 
+def symmetric_contrastive_loss(logits_per_text: torch.Tensor, logits_per_image: torch.Tensor) -> torch.Tensor:
+    """CLIP's loss on `(n, n)` logits with the matching pairs on the diagonal: the mean of the
+    text-to-image and the image-to-text cross-entropies (the naive ITC of `forward(return_loss=True)`).
+
+    `logits_per_image` is `logits_per_text.t()`, taken as given rather than transposed again here:
+    the extra autograd node would change the order in which the two gradients are summed, and so
+    the last bits of the logit bias's gradient.
+    """
+    return (contrastive_loss(logits_per_text) + contrastive_loss(logits_per_image)) / 2
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -352,6 +363,15 @@ def check_text_inputs(input_ids: Any, attention_mask: torch.Tensor | None, max_p
         raise ValueError(f"texts at batch positions {empty} have no tokens (all-zero attention_mask)")
 
 
+def check_loss_pairs(num_images: int | None, num_texts: int | None) -> None:
+    """`return_loss` scores image i against text i, so it needs both inputs, one text per image
+    (None: that input was not given)."""
+    if num_images is None or num_texts is None:
+        raise ValueError("return_loss needs both pixel_values and input_ids")
+    if num_images != num_texts:
+        raise ValueError(f"return_loss needs one text per image: got {num_images} images and {num_texts} texts")
+
+
 def check_one_text_per_image(num_images: int, num_texts: int) -> None:
     """A joint sequence pairs image i with text i, so both batches must have the same size."""
     if num_images != num_texts:
@@ -446,6 +466,44 @@ def pool_sequence(
         return cls
     mean = modality_balanced_mean(last_hidden_state[:, 1:], key_mask[:, 1:], num_image_tokens)
     return mean if pooling == "mean" else (cls + mean) / 2
+
+
+# ---------------------------------------------------------------------------- transformers 4 / 5 features
+
+
+def clip_style_feature_options(kwargs: dict[str, Any]) -> dict[str, bool]:
+    """The `output_attentions` / `output_hidden_states` that a `get_*_features` call passes on to
+    `forward_features`: as given under transformers 5, none under 4.x (a tensor has no place for them)."""
+    if not FEATURES_AS_OUTPUT:
+        return {}
+    return {k: bool(kwargs.get(k)) for k in ("output_attentions", "output_hidden_states")}
+
+
+def clip_style_features(
+    encoded: BaseModelOutputWithPooling,
+    pooled: torch.Tensor,
+    patch_embeds: torch.Tensor | None,
+    return_dict: bool,
+) -> BaseModelOutputWithPooling | tuple | torch.Tensor:
+    """What the installed transformers' `CLIPModel.get_*_features` would return, from OneR's parts.
+
+    Args:
+        encoded: `forward_features`' output, `last_hidden_state` `(batch, seq, hidden_size)`.
+        pooled: the projected embedding `(batch, projection_dim)`.
+        patch_embeds: the projected patches `(batch, num_patches, projection_dim)` for
+            `get_patch_features`, else None.
+        return_dict: transformers 5 only; False gives `.to_tuple()`, as CLIP's `@can_return_tuple` does.
+
+    Returns:
+        transformers >= 5: `encoded` with `pooler_output` replaced by `pooled` (and
+        `last_hidden_state` by `patch_embeds` when given); 4.x: `patch_embeds` if given, else `pooled`.
+    """
+    if not FEATURES_AS_OUTPUT:
+        return patch_embeds if patch_embeds is not None else pooled
+    encoded.pooler_output = pooled
+    if patch_embeds is not None:
+        encoded.last_hidden_state = patch_embeds
+    return encoded if return_dict else encoded.to_tuple()
 
 
 class OneRPreTrainedModel(PreTrainedModel):
@@ -642,27 +700,14 @@ class OneRModel(OneRPreTrainedModel):
         return self.project(out.pooler_output)
 
     def _features(self, inputs: dict[str, Any], kwargs: dict[str, Any], patches: bool = False):
-        """The body of every `get_*_features`, returned in the installed transformers' convention.
-
-        5.x (as `CLIPModel`): the encoder's `BaseModelOutputWithPooling` with `pooler_output`
-        replaced by the projected embedding; `output_attentions` / `output_hidden_states` in
-        `kwargs` fill `attentions` / `hidden_states`; `return_dict=False` (or
-        `config.return_dict=False`) gives `.to_tuple()`, as CLIP's `@can_return_tuple` does.
-        With `patches=True`, `last_hidden_state` becomes the projected patch tokens.
-        4.x: the projected tensor alone (the patch tokens when `patches=True`).
-        """
-        options = {k: bool(kwargs.get(k)) for k in ("output_attentions", "output_hidden_states")}
-        out = self.forward_features(**inputs, **(options if FEATURES_AS_OUTPUT else {}))
+        """The body of every `get_*_features`: one encoder pass, the shared head on the pooled
+        output (and on the patch tokens when `patches=True`), returned by [`clip_style_features`]."""
+        out = self.forward_features(**inputs, **clip_style_feature_options(kwargs))
         pooled = self.project(out.pooler_output)
         patch_embeds = self.project(out.last_hidden_state[:, 1:]) if patches else None
-        if not FEATURES_AS_OUTPUT:
-            return patch_embeds if patches else pooled
-        out.pooler_output = pooled
-        if patches:
-            out.last_hidden_state = patch_embeds
         return_dict = kwargs.get("return_dict")
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        return out if return_dict else out.to_tuple()
+        return clip_style_features(out, pooled, patch_embeds, return_dict)
 
     def get_image_features(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
@@ -761,6 +806,7 @@ class OneRModel(OneRPreTrainedModel):
         Returns:
             [`OneROutput`]; the logits are computed in fp32 even under autocast.
         """
+        check_input_kinds(input_ids, pixel_values, cross_modal_attention=False)
         output_attentions = bool(output_attentions)
         output_hidden_states = bool(output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -778,21 +824,17 @@ class OneRModel(OneRPreTrainedModel):
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **features
             )
             text_embeds = l2_normalize(self.project(text_outputs.pooler_output))
-        if input_ids is None and pixel_values is None:
-            raise ValueError("pass pixel_values, input_ids or both")
 
         if image_embeds is not None and text_embeds is not None:
             logits_per_text = self.similarity(text_embeds, image_embeds)
             logits_per_image = logits_per_text.t()
-            if return_loss:
-                if len(image_embeds) != len(text_embeds):
-                    raise ValueError(
-                        f"return_loss needs one text per image: got {len(image_embeds)} images and "
-                        f"{len(text_embeds)} texts"
-                    )
-                loss = (contrastive_loss(logits_per_text) + contrastive_loss(logits_per_image)) / 2
-        elif return_loss:
-            raise ValueError("return_loss needs both pixel_values and input_ids")
+        if return_loss:
+            # Checked after encoding, so that a bad image or text is reported first.
+            check_loss_pairs(
+                num_images=None if image_embeds is None else len(image_embeds),
+                num_texts=None if text_embeds is None else len(text_embeds),
+            )
+            loss = symmetric_contrastive_loss(logits_per_text, logits_per_image)
 
         output = OneROutput(
             loss=loss,
