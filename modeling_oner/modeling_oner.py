@@ -34,12 +34,6 @@ from .configuration_oner import OneRConfig
 # Modality ids of the joint sequence's parts (0 is the shared [CLS]); used to build the CIC attention mask.
 CLS_MODALITY, IMAGE_MODALITY, TEXT_MODALITY = 0, 1, 2
 
-# transformers 5 changed `CLIPModel.get_image_features` / `get_text_features` to return a
-# `BaseModelOutputWithPooling` whose `pooler_output` is the projected embedding; 4.x returned that
-# tensor. OneR's `get_*_features` follow the INSTALLED version, so code written for CLIP runs unchanged
-# on OneR. Decided once, here, from the version string ("5.0.0.dev0" counts as 5).
-FEATURES_AS_OUTPUT = int(TRANSFORMERS_VERSION.split(".")[0]) >= 5
-
 
 @dataclass
 class OneROutput(ModelOutput):
@@ -309,7 +303,7 @@ class OneRProjectionHead(nn.Module):
 
 # ---------------------------------------------------------------------------- input checks
 # Plain functions of the inputs and the few config numbers they need, so each check can be read and
-# tested on its own. They raise before any encoding, with a message that says what to change.
+# tested on its own. They raise before the transformer runs, with a message that says what to change.
 
 
 def check_input_kinds(input_ids: Any, pixel_values: Any, cross_modal_attention: bool) -> None:
@@ -363,13 +357,15 @@ def check_text_inputs(input_ids: Any, attention_mask: torch.Tensor | None, max_p
         raise ValueError(f"texts at batch positions {empty} have no tokens (all-zero attention_mask)")
 
 
-def check_loss_pairs(num_images: int | None, num_texts: int | None) -> None:
-    """`return_loss` scores image i against text i, so it needs both inputs, one text per image
-    (None: that input was not given)."""
-    if num_images is None or num_texts is None:
+def check_loss_pairs(image_embeds: torch.Tensor | None, text_embeds: torch.Tensor | None) -> None:
+    """`return_loss` pairs image i with text i, so it needs both embeddings, `(n, projection_dim)`
+    each with the same `n` (None: that input was not given)."""
+    if image_embeds is None or text_embeds is None:
         raise ValueError("return_loss needs both pixel_values and input_ids")
-    if num_images != num_texts:
-        raise ValueError(f"return_loss needs one text per image: got {num_images} images and {num_texts} texts")
+    if len(image_embeds) != len(text_embeds):
+        raise ValueError(
+            f"return_loss needs one text per image: got {len(image_embeds)} images and {len(text_embeds)} texts"
+        )
 
 
 def check_one_text_per_image(num_images: int, num_texts: int) -> None:
@@ -469,6 +465,11 @@ def pool_sequence(
 
 
 # ---------------------------------------------------------------------------- transformers 4 / 5 features
+# transformers 5 changed `CLIPModel.get_image_features` / `get_text_features` to return a
+# `BaseModelOutputWithPooling` whose `pooler_output` is the projected embedding; 4.x returned that
+# tensor. OneR's `get_*_features` follow the INSTALLED version, so code written for CLIP runs unchanged
+# on OneR. Decided once, here, from the version string ("5.0.0.dev0" counts as 5).
+FEATURES_AS_OUTPUT = int(TRANSFORMERS_VERSION.split(".")[0]) >= 5
 
 
 def clip_style_feature_options(kwargs: dict[str, Any]) -> dict[str, bool]:
@@ -830,10 +831,7 @@ class OneRModel(OneRPreTrainedModel):
             logits_per_image = logits_per_text.t()
         if return_loss:
             # Checked after encoding, so that a bad image or text is reported first.
-            check_loss_pairs(
-                num_images=None if image_embeds is None else len(image_embeds),
-                num_texts=None if text_embeds is None else len(text_embeds),
-            )
+            check_loss_pairs(image_embeds, text_embeds)
             loss = symmetric_contrastive_loss(logits_per_text, logits_per_image)
 
         output = OneROutput(
