@@ -395,8 +395,7 @@ def cross_modal_attention_mask(key_mask: torch.Tensor, num_image_tokens: int) ->
     """The CIC pass's mask, `(batch, 1, seq, seq)`: each modality attends only to the other; [CLS] to all.
 
     `key_mask` `(batch, seq)` is True for [CLS] and every non-padding token; padding is never
-    attended. Patch and word queries do not read [CLS] either, so the only route from one modality
-    to the embedding of the other is the cross-modal attention itself.
+    attended. Patch and word queries do not read [CLS] either.
     """
     modality = sequence_modalities(key_mask.shape[1], num_image_tokens, key_mask.device)
     is_cls_query = modality[:, None] == CLS_MODALITY
@@ -432,7 +431,8 @@ def masked_mean(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def modality_balanced_mean(tokens: torch.Tensor, token_mask: torch.Tensor, num_image_tokens: int) -> torch.Tensor:
-    """Mean of the non-padding `tokens` `(batch, n, hidden)`, [CLS] excluded, `(batch, hidden)`.
+    """`tokens` `(batch, n, hidden)`, a sequence without its [CLS] -> `(batch, hidden)`, the mean of
+    its non-padding tokens.
 
     `token_mask` `(batch, n)` is True for non-padding tokens; the first `num_image_tokens` tokens
     are patches, the rest words. With both, the result is the average of the patches' mean and the
