@@ -34,12 +34,6 @@ from .configuration_oner import OneRConfig
 # Modality ids of the joint sequence's parts (0 is the shared [CLS]); used to build the CIC attention mask.
 CLS_MODALITY, IMAGE_MODALITY, TEXT_MODALITY = 0, 1, 2
 
-# transformers 5 changed `CLIPModel.get_image_features` / `get_text_features` to return a
-# `BaseModelOutputWithPooling` whose `pooler_output` is the projected embedding; 4.x returned that
-# tensor. OneR's `get_*_features` follow the INSTALLED version, so code written for CLIP runs unchanged
-# on OneR. Decided once, here, from the version string ("5.0.0.dev0" counts as 5).
-FEATURES_AS_OUTPUT = int(TRANSFORMERS_VERSION.split(".")[0]) >= 5
-
 
 @dataclass
 class OneROutput(ModelOutput):
@@ -80,6 +74,17 @@ def l2_normalize(embeddings: torch.Tensor) -> torch.Tensor:
 def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each row against the diagonal (the matching pair)."""
     return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+
+
+def symmetric_contrastive_loss(logits_per_text: torch.Tensor, logits_per_image: torch.Tensor) -> torch.Tensor:
+    """CLIP's loss on `(n, n)` logits with the matching pairs on the diagonal: the mean of the
+    text-to-image and the image-to-text cross-entropies (the naive ITC of `forward(return_loss=True)`).
+
+    `logits_per_image` is `logits_per_text.t()`, taken as given rather than transposed again here:
+    the extra autograd node would change the order in which the two gradients are summed, and so
+    the last bits of the logit bias's gradient.
+    """
+    return (contrastive_loss(logits_per_text) + contrastive_loss(logits_per_image)) / 2
 
 
 def eager_attention_forward(
@@ -296,6 +301,212 @@ class OneRProjectionHead(nn.Module):
         return self.proj(hidden_states)
 
 
+# ---------------------------------------------------------------------------- input checks
+# Plain functions of the inputs and the few config numbers they need, so each check can be read and
+# tested on its own. They raise before the transformer runs, with a message that says what to change.
+
+
+def check_input_kinds(input_ids: Any, pixel_values: Any, cross_modal_attention: bool) -> None:
+    """Checks that there is something to encode, and both parts when the CIC mask is asked for."""
+    if input_ids is None and pixel_values is None:
+        raise ValueError("pass pixel_values, input_ids or both")
+    if cross_modal_attention and (input_ids is None or pixel_values is None):
+        raise ValueError("cross_modal_attention needs a joint input: pass both pixel_values and input_ids")
+
+
+def check_pixel_values(pixel_values: Any, num_channels: int) -> None:
+    """Checks that `pixel_values` is a non-empty `(batch, num_channels, height, width)` tensor.
+
+    The image size is checked by [`OneREmbeddings.embed_image`], which knows about
+    `interpolate_pos_encoding`.
+    """
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if pixel_values.ndim != 4:
+        raise ValueError(
+            f"pixel_values must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}"
+        )
+    if pixel_values.shape[0] == 0:
+        raise ValueError("pixel_values is an empty batch")
+    if pixel_values.shape[1] != num_channels:
+        raise ValueError(f"pixel_values have {pixel_values.shape[1]} channels but the model expects {num_channels}")
+
+
+def check_text_inputs(input_ids: Any, attention_mask: torch.Tensor | None, max_positions: int) -> None:
+    """Checks `input_ids` `(batch, length)` integer ids, at most `max_positions` long, and
+    `attention_mask` (if given) of the same shape with at least one real token in every row."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape (batch, length) with both > 0, got {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point:
+        raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.shape[1] > max_positions:
+        raise ValueError(
+            f"text is {input_ids.shape[1]} tokens long but the model has {max_positions} "
+            "text positions; truncate it (OneRProcessor does with truncation=True)"
+        )
+    if attention_mask is None:
+        return
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+        )
+    empty = (attention_mask == 0).all(dim=1).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"texts at batch positions {empty} have no tokens (all-zero attention_mask)")
+
+
+def check_loss_pairs(image_embeds: torch.Tensor | None, text_embeds: torch.Tensor | None) -> None:
+    """`return_loss` pairs image i with text i, so it needs both embeddings, `(n, projection_dim)`
+    each with the same `n` (None: that input was not given)."""
+    if image_embeds is None or text_embeds is None:
+        raise ValueError("return_loss needs both pixel_values and input_ids")
+    if len(image_embeds) != len(text_embeds):
+        raise ValueError(
+            f"return_loss needs one text per image: got {len(image_embeds)} images and {len(text_embeds)} texts"
+        )
+
+
+def check_one_text_per_image(num_images: int, num_texts: int) -> None:
+    """A joint sequence pairs image i with text i, so both batches must have the same size."""
+    if num_images != num_texts:
+        raise ValueError(
+            f"a joint image+text input needs one text per image: got {num_images} images and {num_texts} texts"
+        )
+
+
+# ---------------------------------------------------------------------------- attention masks
+# Boolean, True = may attend, broadcastable to `(batch, heads, query, key)`: the form that both
+# `eager_attention_forward` and torch's SDPA take, so no additive float mask is built (and
+# transformers 5 no longer has `modeling_attn_mask_utils` to build one).
+
+
+def sequence_modalities(seq_len: int, num_image_tokens: int, device: torch.device) -> torch.Tensor:
+    """The modality id of each position of `[CLS] + patches + words`, `(seq_len,)`:
+    `CLS_MODALITY` at 0, `IMAGE_MODALITY` for the next `num_image_tokens`, `TEXT_MODALITY` after."""
+    modality = torch.full((seq_len,), TEXT_MODALITY, device=device)
+    modality[0] = CLS_MODALITY
+    modality[1 : 1 + num_image_tokens] = IMAGE_MODALITY
+    return modality
+
+
+def cross_modal_attention_mask(key_mask: torch.Tensor, num_image_tokens: int) -> torch.Tensor:
+    """The CIC pass's mask, `(batch, 1, seq, seq)`: each modality attends only to the other; [CLS] to all.
+
+    `key_mask` `(batch, seq)` is True for [CLS] and every non-padding token; padding is never
+    attended. Patch and word queries do not read [CLS] either.
+    """
+    modality = sequence_modalities(key_mask.shape[1], num_image_tokens, key_mask.device)
+    is_cls_query = modality[:, None] == CLS_MODALITY
+    other_modality = (modality[:, None] != modality[None, :]) & (modality[None, :] != CLS_MODALITY)
+    allowed = is_cls_query | other_modality  # (seq, seq): query x key
+    return allowed[None, None] & key_mask[:, None, None, :]
+
+
+def encoder_attention_mask(
+    key_mask: torch.Tensor, num_image_tokens: int, cross_modal_attention: bool
+) -> torch.Tensor | None:
+    """The mask the encoder gets for a `[CLS] + patches + words` sequence with key mask `(batch, seq)`.
+
+    Returns `cross_modal_attention_mask` `(batch, 1, seq, seq)` for the CIC pass; otherwise
+    `(batch, 1, 1, seq)` hiding the padding from every query, or None when there is no padding,
+    which lets SDPA pick its fastest kernel.
+    """
+    if cross_modal_attention:
+        return cross_modal_attention_mask(key_mask, num_image_tokens)
+    if key_mask.all():
+        return None
+    return key_mask[:, None, None, :]
+
+
+# ---------------------------------------------------------------------------- pooling
+
+
+def masked_mean(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean of `tokens` `(batch, n, hidden)` over the tokens whose weight `(batch, n)` is 1 (0 for
+    padding): `(batch, hidden)`. A row without any such token gives zeros instead of NaN."""
+    weights = weights[..., None]
+    return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+def modality_balanced_mean(tokens: torch.Tensor, token_mask: torch.Tensor, num_image_tokens: int) -> torch.Tensor:
+    """`tokens` `(batch, n, hidden)`, a sequence without its [CLS] -> `(batch, hidden)`, the mean of
+    its non-padding tokens.
+
+    `token_mask` `(batch, n)` is True for non-padding tokens; the first `num_image_tokens` tokens
+    are patches, the rest words. With both, the result is the average of the patches' mean and the
+    words' mean, so a joint sequence weighs its image and its text equally (as the mixup it is
+    trained towards does) instead of by token count.
+    """
+    weights = token_mask.to(tokens.dtype)
+    spans = [slice(0, num_image_tokens), slice(num_image_tokens, None)] if num_image_tokens else [slice(None)]
+    means = [masked_mean(tokens[:, span], weights[:, span]) for span in spans if tokens[:, span].shape[1]]
+    return torch.stack(means).mean(dim=0)
+
+
+def pool_sequence(
+    last_hidden_state: torch.Tensor, key_mask: torch.Tensor, pooling: str, num_image_tokens: int = 0
+) -> torch.Tensor:
+    """One vector per sequence: `(batch, seq, hidden)` -> `(batch, hidden)`.
+
+    Args:
+        last_hidden_state: the encoder's output `[CLS] + patches + words` after the final LayerNorm.
+        key_mask: `(batch, seq)`, True for [CLS] (position 0) and every non-padding token.
+        pooling: `"cls"` (the [CLS] output), `"mean"` ([`modality_balanced_mean`] of the other
+            tokens) or `"cls+mean"` (the average of the two).
+        num_image_tokens: how many tokens after [CLS] are patches (0 for a text-only sequence).
+    """
+    cls = last_hidden_state[:, 0]
+    if pooling == "cls":
+        return cls
+    mean = modality_balanced_mean(last_hidden_state[:, 1:], key_mask[:, 1:], num_image_tokens)
+    return mean if pooling == "mean" else (cls + mean) / 2
+
+
+# ---------------------------------------------------------------------------- transformers 4 / 5 features
+# transformers 5 changed `CLIPModel.get_image_features` / `get_text_features` to return a
+# `BaseModelOutputWithPooling` whose `pooler_output` is the projected embedding; 4.x returned that
+# tensor. OneR's `get_*_features` follow the INSTALLED version, so code written for CLIP runs unchanged
+# on OneR. Decided once, here, from the version string ("5.0.0.dev0" counts as 5).
+FEATURES_AS_OUTPUT = int(TRANSFORMERS_VERSION.split(".")[0]) >= 5
+
+
+def clip_style_feature_options(kwargs: dict[str, Any]) -> dict[str, bool]:
+    """The `output_attentions` / `output_hidden_states` that a `get_*_features` call passes on to
+    `forward_features`: as given under transformers 5, none under 4.x (a tensor has no place for them)."""
+    if not FEATURES_AS_OUTPUT:
+        return {}
+    return {k: bool(kwargs.get(k)) for k in ("output_attentions", "output_hidden_states")}
+
+
+def clip_style_features(
+    encoded: BaseModelOutputWithPooling,
+    pooled: torch.Tensor,
+    patch_embeds: torch.Tensor | None,
+    return_dict: bool,
+) -> BaseModelOutputWithPooling | tuple | torch.Tensor:
+    """What the installed transformers' `CLIPModel.get_*_features` would return, from OneR's parts.
+
+    Args:
+        encoded: `forward_features`' output, `last_hidden_state` `(batch, seq, hidden_size)`.
+        pooled: the projected embedding `(batch, projection_dim)`.
+        patch_embeds: the projected patches `(batch, num_patches, projection_dim)` for
+            `get_patch_features`, else None.
+        return_dict: transformers 5 only; False gives `.to_tuple()`, as CLIP's `@can_return_tuple` does.
+
+    Returns:
+        transformers >= 5: `encoded` with `pooler_output` replaced by `pooled` (and
+        `last_hidden_state` by `patch_embeds` when given); 4.x: `patch_embeds` if given, else `pooled`.
+    """
+    if not FEATURES_AS_OUTPUT:
+        return patch_embeds if patch_embeds is not None else pooled
+    encoded.pooler_output = pooled
+    if patch_embeds is not None:
+        encoded.last_hidden_state = patch_embeds
+    return encoded if return_dict else encoded.to_tuple()
+
+
 class OneRPreTrainedModel(PreTrainedModel):
     config_class = OneRConfig
     base_model_prefix = "oner"
@@ -367,46 +578,6 @@ class OneRModel(OneRPreTrainedModel):
         self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
         self.post_init()
 
-    # ------------------------------------------------------------------ input checks
-    def _check_pixel_values(self, pixel_values: Any) -> torch.Tensor:
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-        if pixel_values.ndim != 4:
-            raise ValueError(
-                f"pixel_values must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}"
-            )
-        if pixel_values.shape[0] == 0:
-            raise ValueError("pixel_values is an empty batch")
-        if pixel_values.shape[1] != self.config.num_channels:
-            raise ValueError(
-                f"pixel_values have {pixel_values.shape[1]} channels but the model expects {self.config.num_channels}"
-            )
-        return pixel_values
-
-    def _check_text(
-        self, input_ids: Any, attention_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-        if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must have shape (batch, length) with both > 0, got {tuple(input_ids.shape)}")
-        if input_ids.dtype.is_floating_point:
-            raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(
-                f"text is {input_ids.shape[1]} tokens long but the model has {self.config.max_position_embeddings} "
-                "text positions; truncate it (OneRProcessor does with truncation=True)"
-            )
-        if attention_mask is not None:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(
-                    f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
-                )
-            empty = (attention_mask == 0).all(dim=1).nonzero().flatten().tolist()
-            if empty:
-                raise ValueError(f"texts at batch positions {empty} have no tokens (all-zero attention_mask)")
-        return input_ids, attention_mask
-
     # ------------------------------------------------------------------ the shared tower
     def forward_features(
         self,
@@ -438,48 +609,13 @@ class OneRModel(OneRPreTrainedModel):
             final LayerNorm and `pooler_output` `(batch, hidden)`, pooled as `config.pooling` says
             (the [CLS] token, the mean of the other non-padding tokens, or the average of both).
         """
-        if input_ids is None and pixel_values is None:
-            raise ValueError("pass pixel_values, input_ids or both")
-        if cross_modal_attention and (input_ids is None or pixel_values is None):
-            raise ValueError("cross_modal_attention needs a joint input: pass both pixel_values and input_ids")
-
-        parts, masks = [], []
-        if pixel_values is not None:
-            pixel_values = self._check_pixel_values(pixel_values)
-            image_tokens = self.embeddings.embed_image(pixel_values, interpolate_pos_encoding)
-            parts.append(image_tokens)
-            masks.append(torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=image_tokens.device))
-        if input_ids is not None:
-            input_ids, attention_mask = self._check_text(input_ids, attention_mask)
-            text_tokens = self.embeddings.embed_text(input_ids, position_ids)
-            parts.append(text_tokens)
-            text_mask = (
-                attention_mask.bool()
-                if attention_mask is not None
-                else torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-            )
-            masks.append(text_mask)
-        batch_sizes = {part.shape[0] for part in parts}
-        if len(batch_sizes) > 1:
-            raise ValueError(
-                f"a joint image+text input needs one text per image: got {parts[0].shape[0]} images "
-                f"and {parts[1].shape[0]} texts"
-            )
-        batch = parts[0].shape[0]
-        hidden_states = torch.cat([self.embeddings.cls(batch).to(parts[0].dtype), *parts], dim=1)
-        key_mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=hidden_states.device), *masks], dim=1)
-
-        num_image_tokens = parts[0].shape[1] if pixel_values is not None else 0
-        if cross_modal_attention:
-            attention_mask_4d = self._cross_modal_mask(key_mask, num_image_tokens=num_image_tokens)
-        elif key_mask.all():
-            attention_mask_4d = None  # no padding: lets SDPA pick its fastest kernel
-        else:
-            attention_mask_4d = key_mask[:, None, None, :]
-
+        check_input_kinds(input_ids, pixel_values, cross_modal_attention)
+        hidden_states, key_mask, num_image_tokens = self._embed_sequence(
+            input_ids, attention_mask, pixel_values, position_ids, interpolate_pos_encoding
+        )
         encoded = self.encoder(
             hidden_states,
-            attention_mask=attention_mask_4d,
+            attention_mask=encoder_attention_mask(key_mask, num_image_tokens, cross_modal_attention),
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
@@ -491,39 +627,48 @@ class OneRModel(OneRPreTrainedModel):
             attentions=encoded.attentions,
         )
 
-    def pool(self, last_hidden_state: torch.Tensor, key_mask: torch.Tensor, num_image_tokens: int = 0) -> torch.Tensor:
-        """`(batch, seq, hidden)` -> `(batch, hidden)` as `config.pooling` says.
+    def _embed_sequence(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        interpolate_pos_encoding: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Checks the inputs and embeds them as ONE sequence `[CLS] + patches + words` (either part optional).
 
-        `key_mask` `(batch, seq)` is True for [CLS] (position 0) and every non-padding token; the first
-        `num_image_tokens` tokens after [CLS] are patches. The token mean averages each modality's own
-        mean, so a joint `[CLS] + patches + words` sequence weighs its image and its text equally (as
-        the mixup it is trained towards does) instead of by token count.
+        Returns:
+            `hidden_states` `(batch, 1 + num_image_tokens + length, hidden_size)`;
+            `key_mask` `(batch, 1 + num_image_tokens + length)` boolean, True for [CLS], every patch
+            and every non-padding word (the keys a query may attend to);
+            `num_image_tokens`, the number of patch tokens after [CLS] (0 for a text-only input).
         """
-        cls = last_hidden_state[:, 0]
-        if self.config.pooling == "cls":
-            return cls
-        weights = key_mask[:, 1:].to(last_hidden_state.dtype)
-        tokens = last_hidden_state[:, 1:]
-        spans = [slice(0, num_image_tokens), slice(num_image_tokens, None)] if num_image_tokens else [slice(None)]
-        means = []
-        for span in spans:
-            w = weights[:, span, None]
-            if w.shape[1]:
-                means.append((tokens[:, span] * w).sum(dim=1) / w.sum(dim=1).clamp(min=1))
-        mean = torch.stack(means).mean(dim=0)
-        return mean if self.config.pooling == "mean" else (cls + mean) / 2
+        parts, masks = [], []
+        if pixel_values is not None:
+            check_pixel_values(pixel_values, self.config.num_channels)
+            image_tokens = self.embeddings.embed_image(pixel_values, interpolate_pos_encoding)
+            parts.append(image_tokens)
+            masks.append(torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=image_tokens.device))
+        if input_ids is not None:
+            check_text_inputs(input_ids, attention_mask, self.config.max_position_embeddings)
+            parts.append(self.embeddings.embed_text(input_ids, position_ids))
+            text_mask = (
+                attention_mask.bool()
+                if attention_mask is not None
+                else torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+            )
+            masks.append(text_mask)
+        if len(parts) == 2:
+            check_one_text_per_image(num_images=parts[0].shape[0], num_texts=parts[1].shape[0])
+        batch = parts[0].shape[0]
+        hidden_states = torch.cat([self.embeddings.cls(batch).to(parts[0].dtype), *parts], dim=1)
+        key_mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=hidden_states.device), *masks], dim=1)
+        num_image_tokens = parts[0].shape[1] if pixel_values is not None else 0
+        return hidden_states, key_mask, num_image_tokens
 
-    @staticmethod
-    def _cross_modal_mask(key_mask: torch.Tensor, num_image_tokens: int) -> torch.Tensor:
-        """`(batch, 1, seq, seq)` boolean mask: each modality attends only to the other; [CLS] to all."""
-        seq = key_mask.shape[1]
-        modality = torch.full((seq,), TEXT_MODALITY, device=key_mask.device)
-        modality[0] = CLS_MODALITY
-        modality[1 : 1 + num_image_tokens] = IMAGE_MODALITY
-        is_cls_query = modality[:, None] == CLS_MODALITY
-        other_modality = (modality[:, None] != modality[None, :]) & (modality[None, :] != CLS_MODALITY)
-        allowed = is_cls_query | other_modality  # (seq, seq): query x key
-        return allowed[None, None] & key_mask[:, None, None, :]
+    def pool(self, last_hidden_state: torch.Tensor, key_mask: torch.Tensor, num_image_tokens: int = 0) -> torch.Tensor:
+        """`(batch, seq, hidden)` -> `(batch, hidden)` as `config.pooling` says; see [`pool_sequence`]."""
+        return pool_sequence(last_hidden_state, key_mask, self.config.pooling, num_image_tokens=num_image_tokens)
 
     def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The shared head: `(..., hidden_size)` -> `(..., projection_dim)`."""
@@ -556,27 +701,14 @@ class OneRModel(OneRPreTrainedModel):
         return self.project(out.pooler_output)
 
     def _features(self, inputs: dict[str, Any], kwargs: dict[str, Any], patches: bool = False):
-        """The body of every `get_*_features`, returned in the installed transformers' convention.
-
-        5.x (as `CLIPModel`): the encoder's `BaseModelOutputWithPooling` with `pooler_output`
-        replaced by the projected embedding; `output_attentions` / `output_hidden_states` in
-        `kwargs` fill `attentions` / `hidden_states`; `return_dict=False` (or
-        `config.return_dict=False`) gives `.to_tuple()`, as CLIP's `@can_return_tuple` does.
-        With `patches=True`, `last_hidden_state` becomes the projected patch tokens.
-        4.x: the projected tensor alone (the patch tokens when `patches=True`).
-        """
-        options = {k: bool(kwargs.get(k)) for k in ("output_attentions", "output_hidden_states")}
-        out = self.forward_features(**inputs, **(options if FEATURES_AS_OUTPUT else {}))
+        """The body of every `get_*_features`: one encoder pass, the shared head on the pooled
+        output (and on the patch tokens when `patches=True`), returned by [`clip_style_features`]."""
+        out = self.forward_features(**inputs, **clip_style_feature_options(kwargs))
         pooled = self.project(out.pooler_output)
         patch_embeds = self.project(out.last_hidden_state[:, 1:]) if patches else None
-        if not FEATURES_AS_OUTPUT:
-            return patch_embeds if patches else pooled
-        out.pooler_output = pooled
-        if patches:
-            out.last_hidden_state = patch_embeds
         return_dict = kwargs.get("return_dict")
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        return out if return_dict else out.to_tuple()
+        return clip_style_features(out, pooled, patch_embeds, return_dict)
 
     def get_image_features(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
@@ -675,6 +807,7 @@ class OneRModel(OneRPreTrainedModel):
         Returns:
             [`OneROutput`]; the logits are computed in fp32 even under autocast.
         """
+        check_input_kinds(input_ids, pixel_values, cross_modal_attention=False)
         output_attentions = bool(output_attentions)
         output_hidden_states = bool(output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -692,21 +825,14 @@ class OneRModel(OneRPreTrainedModel):
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **features
             )
             text_embeds = l2_normalize(self.project(text_outputs.pooler_output))
-        if input_ids is None and pixel_values is None:
-            raise ValueError("pass pixel_values, input_ids or both")
 
         if image_embeds is not None and text_embeds is not None:
             logits_per_text = self.similarity(text_embeds, image_embeds)
             logits_per_image = logits_per_text.t()
-            if return_loss:
-                if len(image_embeds) != len(text_embeds):
-                    raise ValueError(
-                        f"return_loss needs one text per image: got {len(image_embeds)} images and "
-                        f"{len(text_embeds)} texts"
-                    )
-                loss = (contrastive_loss(logits_per_text) + contrastive_loss(logits_per_image)) / 2
-        elif return_loss:
-            raise ValueError("return_loss needs both pixel_values and input_ids")
+        if return_loss:
+            # Checked after encoding, so that a bad image or text is reported first.
+            check_loss_pairs(image_embeds, text_embeds)
+            loss = symmetric_contrastive_loss(logits_per_text, logits_per_image)
 
         output = OneROutput(
             loss=loss,

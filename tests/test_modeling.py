@@ -527,3 +527,121 @@ def test_bf16_eager_attention_matches_an_fp32_softmax_in_value_and_gradient():
     for new, old in zip(*grads):
         torch.testing.assert_close(new, old, atol=5e-2, rtol=5e-2)
     assert outputs[0][1, 6:].abs().sum() > 0 and torch.isfinite(outputs[0]).all()
+
+
+# ---------------------------------------------------------------------------- the model's named pieces
+# Small examples worked out by hand for the module functions OneRModel is built from.
+
+
+def _sequence_of_cls_two_patches_three_words():
+    """`(2, 6, 2)` states `[CLS] + 2 patches + 3 words` and their key mask; the second text's last word is padding."""
+    one_example = [[10.0, 10.0], [1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0], [0.0, 6.0]]
+    padded_example = [[10.0, 10.0], [1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0], [100.0, 100.0]]
+    key_mask = torch.tensor([[True] * 6, [True] * 5 + [False]])
+    return torch.tensor([one_example, padded_example]), key_mask
+
+
+def test_pool_sequence_by_hand():
+    from modeling_oner.modeling_oner import pool_sequence
+
+    states, key_mask = _sequence_of_cls_two_patches_three_words()
+    # Joint: patch mean (2, 0) and word mean (0, 4) -> (1, 2); the padded row's words (0, 2), (0, 4) -> (0, 3).
+    mean = torch.tensor([[1.0, 2.0], [1.0, 1.5]])
+    torch.testing.assert_close(pool_sequence(states, key_mask, "mean", num_image_tokens=2), mean)
+    torch.testing.assert_close(pool_sequence(states, key_mask, "cls+mean", num_image_tokens=2), (10.0 + mean) / 2)
+    torch.testing.assert_close(pool_sequence(states, key_mask, "cls", num_image_tokens=2), states[:, 0])
+    # Read as text only, the same five tokens are one modality weighted by count: (4, 12) / 5 and (4, 6) / 4.
+    torch.testing.assert_close(pool_sequence(states, key_mask, "mean"), torch.tensor([[0.8, 2.4], [1.0, 1.5]]))
+
+
+def test_masked_mean_skips_padding_and_gives_zeros_for_an_empty_row():
+    from modeling_oner.modeling_oner import masked_mean
+
+    tokens = torch.tensor([[[2.0], [4.0], [9.0]], [[5.0], [7.0], [9.0]]])
+    weights = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(masked_mean(tokens, weights), torch.tensor([[3.0], [0.0]]))
+
+
+def test_sequence_modalities_and_the_cross_modal_mask_by_hand():
+    from modeling_oner.modeling_oner import cross_modal_attention_mask, sequence_modalities
+
+    assert sequence_modalities(5, 2, torch.device("cpu")).tolist() == [0, 1, 1, 2, 2]
+    key_mask = torch.tensor([[True] * 5, [True] * 4 + [False]])  # [CLS] + 2 patches + 2 words
+    allowed = [
+        [1, 1, 1, 1, 1],  # [CLS] reads everything
+        [0, 0, 0, 1, 1],  # patches read only words
+        [0, 0, 0, 1, 1],
+        [0, 1, 1, 0, 0],  # words read only patches
+        [0, 1, 1, 0, 0],
+    ]
+    expected = torch.tensor([allowed, [row[:4] + [0] for row in allowed]], dtype=torch.bool)[:, None]
+    mask = cross_modal_attention_mask(key_mask, num_image_tokens=2)
+    assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
+    assert torch.equal(mask, expected)
+
+
+def test_encoder_attention_mask_hides_padding_or_is_none():
+    from modeling_oner.modeling_oner import cross_modal_attention_mask, encoder_attention_mask
+
+    no_padding = torch.ones(2, 4, dtype=torch.bool)
+    assert encoder_attention_mask(no_padding, num_image_tokens=0, cross_modal_attention=False) is None
+    padded = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    mask = encoder_attention_mask(padded, num_image_tokens=0, cross_modal_attention=False)
+    assert mask.shape == (2, 1, 1, 4) and mask[:, 0, 0].tolist() == padded.tolist()
+    # The CIC pass always gets its mask, with or without padding.
+    cross = encoder_attention_mask(no_padding, num_image_tokens=1, cross_modal_attention=True)
+    assert torch.equal(cross, cross_modal_attention_mask(no_padding, num_image_tokens=1))
+
+
+def test_symmetric_contrastive_loss_by_hand():
+    import math
+
+    from modeling_oner.modeling_oner import symmetric_contrastive_loss
+
+    logits_per_text = torch.tensor([[math.log(3), 0.0], [math.log(3), 0.0]])
+    # Texts: -log(3/4) and -log(1/4); images (the transpose): -log(1/2) twice.
+    expected = ((math.log(4 / 3) + math.log(4)) / 2 + math.log(2)) / 2
+    loss = symmetric_contrastive_loss(logits_per_text, logits_per_text.t())
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_input_checks_name_what_is_wrong():
+    from modeling_oner.modeling_oner import check_loss_pairs, check_one_text_per_image, check_text_inputs
+
+    ids = torch.ones(3, 4, dtype=torch.long)
+    mask = torch.ones(3, 4, dtype=torch.long)
+    mask[1] = 0
+    with pytest.raises(ValueError, match=r"batch positions \[1\] have no tokens"):
+        check_text_inputs(ids, mask, max_positions=4)
+    check_text_inputs(ids, None, max_positions=4)  # exactly max_positions long is fine
+    with pytest.raises(ValueError, match="got 2 images and 3 texts"):
+        check_one_text_per_image(num_images=2, num_texts=3)
+    with pytest.raises(ValueError, match="needs both"):
+        check_loss_pairs(None, torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="got 2 images and 3 texts"):
+        check_loss_pairs(torch.zeros(2, 8), torch.zeros(3, 8))
+    check_loss_pairs(torch.zeros(3, 8), torch.zeros(3, 8))
+
+
+@pytest.mark.parametrize("as_output", [True, False])
+def test_clip_style_features_follow_the_switch(monkeypatch, as_output):
+    import modeling_oner.modeling_oner as module
+
+    monkeypatch.setattr(module, "FEATURES_AS_OUTPUT", as_output)
+    assert module.clip_style_feature_options({"output_attentions": 1}) == (
+        {"output_attentions": True, "output_hidden_states": False} if as_output else {}
+    )
+    pooled, patches = torch.zeros(2, 8), torch.ones(2, 4, 8)
+
+    def encoded():
+        return BaseModelOutputWithPooling(last_hidden_state=torch.full((2, 5, 16), 3.0), pooler_output=torch.ones(2, 16))
+
+    image = module.clip_style_features(encoded(), pooled, None, return_dict=True)
+    patch_map = module.clip_style_features(encoded(), pooled, patches, return_dict=True)
+    if not as_output:
+        assert image is pooled and patch_map is patches
+        return
+    assert image.pooler_output is pooled and image.last_hidden_state.shape == (2, 5, 16)
+    assert patch_map.pooler_output is pooled and patch_map.last_hidden_state is patches
+    as_tuple = module.clip_style_features(encoded(), pooled, patches, return_dict=False)
+    assert isinstance(as_tuple, tuple) and as_tuple[0] is patches and as_tuple[1] is pooled
