@@ -37,7 +37,7 @@ def make_loader(train_argv: list[str], backend: str):
 
     args = parse_args([*train_argv, "--augment_backend", backend])
     configure_threads(args.num_threads)
-    _, _, processor, config = build_model(args)
+    _, _, processor, config = build_model(args, ObjectiveConfig.from_flags(args))
     dataset = open_train_data(args, seed=args.seed, image_size=config.image_size)
     loader, sampler = make_dataloader(dataset, processor, args.per_device_batch_size, seed=args.seed,
                                       num_workers=args.dataloader_num_workers)

@@ -108,11 +108,11 @@ def bare_step(train_argv: list[str], repeats: int, calls: int, profile_steps: in
     keep_freed_memory()  # as train.py's setup does on a CPU
     reset_accelerate()
     accelerator = make_accelerator(args)
-    pretrainer, model, processor, config = build_model(args)
+    objective = Objective(ObjectiveConfig.from_flags(args))
+    pretrainer, model, processor, config = build_model(args, objective.config)
     dataset = open_train_data(args, seed=args.seed, image_size=config.image_size)
     loader, _ = make_dataloader(dataset, processor, args.per_device_batch_size, seed=args.seed, num_workers=0)
     batch = dict(next(iter(loader)))
-    objective = Objective(ObjectiveConfig.from_flags(args))
     optimizer = make_optimizer(pretrainer, args)
     state = TrainState()
     state.total_steps = 10**9  # a constant learning rate for timing

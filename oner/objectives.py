@@ -20,9 +20,8 @@ wrapper DDP wraps (`oner.training.pretrainer.OneRPretrainer`, features of one mi
 head and whole-word masking (`oner.training.mlm`) and the EMA target encoder. The SigLIP bias of the
 sigmoid loss is the model's own `logit_bias` (saved with it, added to its scores).
 
-The training loop uses three pieces so that feature caching (GradCache) can split them: the
-pretrainer's forward (features of one micro-batch), [`Objective.contrastive_loss`] (the batch-level
-terms, from features of the whole batch) and the per-sample MLM sums.
+[`Objective`] computes the whole loss from the features of a batch; it exposes the split between
+batch-level and per-sample terms that feature caching (GradCache, `oner.training.step`) needs.
 """
 
 from __future__ import annotations
@@ -254,6 +253,19 @@ class ObjectiveConfig:
         return needs
 
     @property
+    def model_settings(self) -> dict[str, float]:
+        """The `OneRConfig` fields this objective scores with, set before the model is built so that the
+        saved model scores as it was trained: the sigmoid loss's learned bias (`logit_bias_init`,
+        SigLIP's -10) and a fixed temperature's logit scale (`logit_scale_init_value`; training
+        freezes it)."""
+        settings = {}
+        if self.pairwise == "sigmoid":
+            settings["logit_bias_init"] = SIGMOID_BIAS_INIT
+        if self.temperature is not None:
+            settings["logit_scale_init_value"] = math.log(1.0 / self.temperature)
+        return settings
+
+    @property
     def uses_mixup(self) -> bool:
         terms = ("xmc", "cic", "cmc") if self.cmc_target == "mixup" else ("xmc", "cic")
         return any(self.weights.get(name, 0) > 0 for name in terms)
@@ -349,7 +361,15 @@ def mixup(image: torch.Tensor, text: torch.Tensor, mix_weight: float = 0.5) -> t
 
 
 class Objective:
-    """Computes the weighted sum of the enabled terms from features (see the module table)."""
+    """The whole loss of a batch from its features: the weighted sum of the enabled terms (see the module table).
+
+    Two kinds of term, so that feature caching (`oner.training.step`) can score a big batch in parts:
+    batch-level terms ([`batch_loss`]: every contrastive term, whose rows are scored against each
+    other) need the features of the whole batch at once; per-sample terms ([`sample_sums`] and
+    [`sample_loss`]: `mlm`, a mean over masked tokens) are sums over samples, computed micro-batch by
+    micro-batch and divided by the count over the whole batch. `objective(features)` is both, for
+    one batch.
+    """
 
     def __init__(self, config: ObjectiveConfig):
         self.config = config
@@ -364,7 +384,7 @@ class Objective:
             local_loss=self.config.local_loss,
         )
 
-    def contrastive_loss(
+    def batch_loss(
         self, features: dict[str, torch.Tensor], targets: dict[str, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted batch-level terms and each term's (unweighted) value.
@@ -441,19 +461,37 @@ class Objective:
         targets = lam * torch.eye(n, device=m.device) + (1 - lam) * torch.eye(n, device=m.device).roll(1, dims=1)
         return (soft_target_loss(m, all_i, targets, logit_scale) + soft_target_loss(m, all_t, targets, logit_scale)) / 2
 
-    def mlm_loss(self, mlm_sum: torch.Tensor, mlm_count: torch.Tensor | int) -> torch.Tensor:
-        """Weighted mean token cross-entropy; `mlm_count` is the masked-token count of the whole local batch."""
-        return self.config.weights.get("mlm", 0.0) * mlm_sum / max(int(mlm_count), 1)
+    def sample_sums(self, features: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-sample terms of one micro-batch as `term -> (sum, count)`: for `mlm`, the token
+        cross-entropy summed over its masked tokens `(m, vocab)` logits and their number."""
+        sums = {}
+        if self.config.weights.get("mlm", 0) > 0 and "mlm_logits" in features:
+            labels = features["mlm_labels"]
+            sums["mlm"] = (F.cross_entropy(features["mlm_logits"].float(), labels, reduction="sum"), labels.new_tensor(len(labels)))
+        return sums
+
+    def sample_loss(
+        self, sums: dict[str, tuple[torch.Tensor, torch.Tensor]], counts: dict[str, int]
+    ) -> tuple[torch.Tensor | float, dict[str, torch.Tensor]]:
+        """Weighted per-sample terms of one micro-batch, each sum divided by `counts[term]`, the count
+        over the whole batch (its micro-batches together); and each term's unweighted share."""
+        parts = {name: total / max(int(counts[name]), 1) for name, (total, _) in sums.items()}
+        return sum((self.config.weights[name] * value for name, value in parts.items()), 0.0), parts
+
+    @staticmethod
+    def sample_counts(sums_of_micro_batches: list[dict]) -> dict[str, int]:
+        """`term -> count` over the micro-batches of one batch, from their [`sample_sums`]."""
+        names = {name for sums in sums_of_micro_batches for name in sums}
+        return {name: sum(int(sums[name][1]) for sums in sums_of_micro_batches if name in sums) for name in names}
 
     def __call__(
         self, features: dict[str, torch.Tensor], targets: dict[str, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss of one batch from its features (no accumulation) and the unweighted terms."""
-        total, parts = self.contrastive_loss(features, targets)
-        if "mlm_sum" in features:
-            parts["mlm"] = features["mlm_sum"] / max(int(features["mlm_count"]), 1)
-            total = total + self.mlm_loss(features["mlm_sum"], features["mlm_count"])
-        return total, parts
+        total, parts = self.batch_loss(features, targets)
+        sums = self.sample_sums(features)
+        sample_total, sample_parts = self.sample_loss(sums, self.sample_counts([sums]))
+        return total + sample_total, {**parts, **sample_parts}
 
 
 @torch.no_grad()

@@ -78,12 +78,12 @@ def _pretrainer(objective, kind, local):
     from oner.objectives import Objective, ObjectiveConfig, parse_objective
     from oner.training.pretrainer import OneRPretrainer
 
-    torch.manual_seed(0)
-    model = OneRModel(OneRConfig.from_preset("tiny", **TINY))
     # CMC on every row of its own pair: the rows a fraction picks and the images a mosaic borrows are
     # those of each process's micro-batch, which differ from the concatenated batch's by design.
     config = ObjectiveConfig(weights=parse_objective(objective), pairwise=kind, local_loss=local, cmc_context="pair",
                              cmc_fraction=1.0, xmc_form="cross-pair" if kind == "softmax" else "same-pair")
+    torch.manual_seed(0)
+    model = OneRModel(OneRConfig.from_preset("tiny", **TINY, **config.model_settings))
     pretrainer = OneRPretrainer(model, config)
     if pretrainer.logit_bias is not None:
         torch.nn.init.constant_(pretrainer.logit_bias, -1.0)  # away from -10 so the bias matters

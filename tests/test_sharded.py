@@ -194,7 +194,9 @@ def test_scalar_parameters_are_promoted_and_saved_with_the_models_shapes(tiny_mo
     from oner.training.pretrainer import OneRPretrainer
     from oner.training.sharding import build_model_for_saving, promote_scalar_parameters
 
-    pretrainer = OneRPretrainer(tiny_model, ObjectiveConfig(weights={"xmc": 1.0}, pairwise="sigmoid"))
+    tiny_config.logit_bias_init = -10.0  # ObjectiveConfig.model_settings of the sigmoid loss
+    pretrainer = OneRPretrainer(OneRModel(tiny_config), ObjectiveConfig(weights={"xmc": 1.0}, pairwise="sigmoid",
+                                                                        xmc_form="same-pair"))
     assert set(promote_scalar_parameters(pretrainer)) == {"model.logit_scale", "model.logit_bias"}
     assert pretrainer.model.logit_scale.shape == (1,) and pretrainer.model.logit_scale.requires_grad
     state = {k[len("model."):]: v for k, v in pretrainer.state_dict().items() if k.startswith("model.")}

@@ -154,7 +154,12 @@ def test_feature_cached_accumulation_equals_one_big_batch(tiny_config, tiny_proc
 
     accelerator = Accelerator(cpu=True)
     big = _micro_batches(tiny_processor)
-    config = ObjectiveConfig(weights=parse_objective(objective), pairwise=kind)
+    # CMC on every row of its own pair: the rows a fraction picks and the images a mosaic borrows are
+    # those of each micro-batch, which differ from the big batch's by design (the next test: a fraction).
+    config = ObjectiveConfig(weights=parse_objective(objective), pairwise=kind, cmc_context="pair", cmc_fraction=1.0,
+                             xmc_form="cross-pair" if kind == "softmax" else "same-pair")
+    for name, value in config.model_settings.items():  # the sigmoid loss's bias, as train.py builds the model
+        setattr(tiny_config, name, value)
     if "mlm" in config.weights:
         torch.manual_seed(3)
         big["mlm_input_ids"], big["mlm_labels"] = whole_word_mask(
@@ -543,7 +548,9 @@ def test_feature_cached_accumulation_with_a_cmc_fraction(tiny_config, tiny_proce
 
     accelerator = Accelerator(cpu=True)
     big = _micro_batches(tiny_processor)
-    config = ObjectiveConfig(weights=parse_objective("xmc+cmc"), cmc_fraction=0.5)  # permutation-invariant terms
+    # terms that do not depend on the order of the pairs: same-pair XMC, CMC on each pair's own image
+    config = ObjectiveConfig(weights=parse_objective("xmc+cmc"), cmc_fraction=0.5, xmc_form="same-pair",
+                             cmc_context="pair")
 
     def run(micro):
         torch.manual_seed(0)
@@ -688,3 +695,22 @@ def test_a_bad_objective_setting_names_it(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["fresh", "loaded"])
+def test_the_objectives_scoring_settings_are_the_models_before_training(tiny_model_dir, source):
+    """A fixed temperature and the sigmoid loss's bias are in the model (config and weights) before the
+    pretrainer wraps it, for a fresh model and for one continued from a folder; the scale is frozen."""
+    import math
+
+    from oner.objectives import ObjectiveConfig
+    from oner.training import parse_args
+    from oner.training.setup import build_model
+
+    flags = ["--objective", "itc", "--pairwise_loss", "sigmoid", "--temperature", "0.2"]
+    flags += ["--config_overrides", OVERRIDES] if source == "fresh" else ["--model_name_or_path", str(tiny_model_dir)]
+    args = parse_args(flags)
+    _, model, _, _ = build_model(args, ObjectiveConfig.from_flags(args))
+    assert model.config.logit_bias_init == -10.0 and model.logit_bias.item() == -10.0
+    assert model.config.logit_scale_init_value == pytest.approx(math.log(5.0))
+    assert model.logit_scale.exp().item() == pytest.approx(5.0, rel=1e-6) and not model.logit_scale.requires_grad

@@ -13,13 +13,19 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from modeling_oner.modeling_oner import l2_normalize
-from oner.objectives import SIGMOID_BIAS_INIT, ObjectiveConfig, mosaic, quadrant_patches
+from oner.objectives import ObjectiveConfig, mosaic, quadrant_patches
 
 from .mlm import MLMHead
+
+# The kinds of output of `OneRPretrainer.forward`, as feature caching (`oner.training.step`) joins
+# micro-batches: per-sample embeddings (concatenated), row indices into the micro-batch (shifted to
+# rows of the whole batch) and the scoring scalars (one copy).
+PER_SAMPLE_FEATURES = ("image", "text", "joint", "cross", "joint_negative", "quad")
+ROW_INDEX_FEATURES = ("joint_rows", "quad_sources")
+SCALAR_FEATURES = ("logit_scale", "logit_bias")
 
 
 class OneRPretrainer(nn.Module):
@@ -36,9 +42,13 @@ class OneRPretrainer(nn.Module):
     - `quad`, `quad_sources`: `(4n, k, projection_dim)` the projected patch tokens of each quadrant
       of the mosaics encoded as images (`k` patches a quadrant), and `(4n,)` the row of the caption
       of each quadrant's image (`quad`);
-    - `mlm_sum`, `mlm_count`: summed token cross-entropy and the number of masked tokens (when `mlm` is on);
+    - `mlm_logits`, `mlm_labels`: `(m, vocab)` the MLM head's logits at the `m` masked caption tokens
+      and `(m,)` their true tokens (when `mlm` is on; the objective scores them);
     - `logit_scale` (and `logit_bias` for the sigmoid loss): returned as outputs so that their
       gradients flow through DDP's graph.
+
+    The model is not changed here: what the objective scores with (the sigmoid loss's bias, a fixed
+    temperature) is in its config before it is built (`ObjectiveConfig.model_settings`).
     """
 
     def __init__(self, model: nn.Module, config: ObjectiveConfig):
@@ -52,14 +62,8 @@ class OneRPretrainer(nn.Module):
             else None
         )
         if config.pairwise == "sigmoid" and getattr(model, "logit_bias", None) is None:
-            # The sigmoid loss's bias belongs to the model (saved with it, used by its scores).
-            model.config.logit_bias_init = SIGMOID_BIAS_INIT
-            model.logit_bias = nn.Parameter(torch.tensor(SIGMOID_BIAS_INIT))
-        if config.temperature is not None:
-            # Saved with the model, so that its logits are those it was trained with.
-            with torch.no_grad():
-                model.logit_scale.fill_(math.log(1.0 / config.temperature))
-            model.logit_scale.requires_grad_(False)
+            raise ValueError("the sigmoid loss needs a model with a logit bias: build it with "
+                             "ObjectiveConfig.model_settings (OneRConfig.logit_bias_init)")
 
     @property
     def logit_bias(self) -> nn.Parameter | None:
@@ -103,9 +107,8 @@ class OneRPretrainer(nn.Module):
             ).last_hidden_state
             text_hidden = hidden[:, 1 + self.model.config.num_patches :]
             where = mlm_labels != -100
-            logits = self.mlm_head(text_hidden[where]).float()
-            out["mlm_sum"] = F.cross_entropy(logits, mlm_labels[where], reduction="sum")
-            out["mlm_count"] = where.sum()
+            out["mlm_logits"] = self.mlm_head(text_hidden[where])
+            out["mlm_labels"] = mlm_labels[where]
         out["logit_scale"] = self.model.logit_scale
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias

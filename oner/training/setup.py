@@ -89,26 +89,31 @@ def _device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "other"
 
 
-def build_model(args):
+def build_model(args, objective: ObjectiveConfig):
     """`(pretrainer, model_to_save, processor, config)` for `--architecture oner|clip`.
 
-    A fresh model from `--preset` + `--config_overrides`, or, with `--model_name_or_path`, the saved
-    model and its processor (`oner.training.pretrained`; `config` is then the loaded model's OneR config,
-    for a CLIP baseline the one it was sized from, and `args.preset` becomes the preset it matches or
-    "custom"). Raises UserError for a source that cannot be used.
+    A fresh model from `--preset` + `--config_overrides` with the objective's scoring settings in its
+    config (`ObjectiveConfig.model_settings`: the sigmoid loss's bias, a fixed temperature), or, with
+    `--model_name_or_path`, the saved model and its processor given those settings
+    (`oner.training.pretrained`; `config` is then the loaded model's OneR config, for a CLIP baseline
+    the one it was sized from, and `args.preset` becomes the preset it matches or "custom"). A fixed
+    temperature's logit scale is frozen. Raises UserError for a source that cannot be used.
     """
 
     if args.model_name_or_path:
         model, processor, config = load_source_model(args)
+        adopt_model_settings(model, objective.model_settings)
     else:
-        config = OneRConfig.from_preset(args.preset, **args.model_overrides)
+        config = OneRConfig.from_preset(args.preset, **{**args.model_overrides, **objective.model_settings})
         # Training-time only: transformers does not save it, so a loaded model picks its own (sdpa).
         config._attn_implementation = args.attn_implementation
         if args.architecture == "clip":  # the two-tower baseline, behind the same interface (oner.baseline)
             model, processor = build_clip(config)
         else:
             model, processor = OneRModel(config), build_processor(config)
-    pretrainer = OneRPretrainer(model, ObjectiveConfig.from_flags(args))
+    if objective.temperature is not None:
+        model.logit_scale.requires_grad_(False)
+    pretrainer = OneRPretrainer(model, objective)
     if args.gradient_checkpointing:
         # Non-reentrant checkpointing works with DDP and with parameters unused by some passes.
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
@@ -116,6 +121,19 @@ def build_model(args):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return pretrainer, model, processor, config
+
+
+def adopt_model_settings(model, settings: dict[str, float]) -> None:
+    """Give a loaded model the objective's scoring settings (`ObjectiveConfig.model_settings`), in its
+    config and in its weights, as a fresh model would be built with them: a logit bias it lacks starts
+    at its init, and a fixed temperature replaces the learned scale it was saved with."""
+    for name, value in settings.items():
+        setattr(model.config, name, value)
+    if "logit_bias_init" in settings and getattr(model, "logit_bias", None) is None:
+        model.logit_bias = torch.nn.Parameter(torch.tensor(settings["logit_bias_init"]))
+    if "logit_scale_init_value" in settings:
+        with torch.no_grad():
+            model.logit_scale.fill_(settings["logit_scale_init_value"])
 
 
 def load_source_model(args):
@@ -303,7 +321,8 @@ def setup(args) -> Run:
     memory = keep_freed_memory() if accelerator.device.type == "cpu" else None
 
     # ---- validate every input BEFORE anything is written
-    pretrainer, model, processor, config = build_model(args)
+    objective = Objective(ObjectiveConfig.from_flags(args))
+    pretrainer, model, processor, config = build_model(args, objective.config)
     try:
         dataset = open_train_data(args, seed=args.seed, image_size=config.image_size,
                                   rank=accelerator.process_index, world_size=accelerator.num_processes)
@@ -340,7 +359,6 @@ def setup(args) -> Run:
             for old in list_checkpoints(output_dir):
                 shutil.rmtree(old)
 
-    objective = Objective(ObjectiveConfig.from_flags(args))
     model_class = type(model)  # before `prepare`: FSDP2 changes the class
     n_params = sum(p.numel() for p in model.parameters())  # before FSDP leaves each process its shard
     if needs_vector_scalars(accelerator):

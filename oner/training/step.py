@@ -22,11 +22,7 @@ from torch.profiler import record_function
 
 from oner.objectives import Objective
 
-# Outputs that are per-sample embeddings (concatenated across micro-batches).
-_FEATURE_KEYS = ("image", "text", "joint", "cross", "joint_negative", "quad")
-# Outputs that index rows of the micro-batch (shifted to rows of the whole step when concatenated).
-_INDEX_KEYS = ("joint_rows", "quad_sources")
-_SCALAR_KEYS = ("logit_scale", "logit_bias")
+from .pretrainer import PER_SAMPLE_FEATURES, ROW_INDEX_FEATURES, SCALAR_FEATURES
 
 
 class RandContext:
@@ -88,40 +84,34 @@ def forward_backward(
 
 def _cached_forward_backward(model, objective, micro_batches, accelerator, ema):
     device = micro_batches[0]["input_ids"].device
-    # 1. features of every micro-batch, no graph kept.
-    rand_states, cached, targets = [], [], []
+    # 1. features of every micro-batch, no graph kept; per-sample terms reduced to their sums at once
+    #    (MLM's logits over the vocabulary are not kept).
+    rand_states, cached, sample_sums, targets = [], [], [], []
     with torch.no_grad():
         for batch in micro_batches:
             rand_states.append(RandContext(device))
-            cached.append(model(**batch))
+            features = model(**batch)
+            sample_sums.append(objective.sample_sums(features))
+            cached.append(features)
             targets.append(_targets(ema, batch, accelerator))
-    keys = [k for k in _FEATURE_KEYS if k in cached[0]]
-    leaves = {k: torch.cat([c[k] for c in cached]).detach().requires_grad_(True) for k in keys}
-    sizes = {k: [len(c[k]) for c in cached] for k in keys}  # rows per micro-batch (joint: a fraction)
-    starts = [0] + [len(b["input_ids"]) for b in micro_batches][:-1]
-    offsets = torch.tensor(starts, device=device).cumsum(0)
-    for k in _INDEX_KEYS:  # e.g. which rows of the whole step the joint pass covered
-        if k in cached[0]:
-            leaves[k] = torch.cat([c[k] + o for c, o in zip(cached, offsets)])
-    for k in _SCALAR_KEYS:
-        if k in cached[0]:
-            leaves[k] = cached[0][k].detach().clone().requires_grad_(True)
+    leaves, sizes = _joined_features(cached, [len(b["input_ids"]) for b in micro_batches])
     all_targets = None if ema is None else {k: torch.cat([t[k] for t in targets]) for k in targets[0]}
+    counts = objective.sample_counts(sample_sums)
 
-    # 2. the big-batch loss on cached features, backpropagated to them.
-    loss, parts = objective.contrastive_loss(leaves, all_targets)
-    mlm_count = sum(int(c["mlm_count"]) for c in cached) if "mlm_count" in cached[0] else 0
-    if mlm_count:
-        mlm_sum = sum(c["mlm_sum"] for c in cached)
-        parts["mlm"] = mlm_sum / mlm_count
-        loss = loss + objective.mlm_loss(mlm_sum, mlm_count)
-    contrastive = sum(weight * parts[name] for name, weight in objective.config.weights.items()
-                      if name in parts and name != "mlm")
+    # 2. the batch-level terms on the joined features, backpropagated to them.
+    loss, parts = objective.batch_loss(leaves, all_targets)
     differentiable = {k: v for k, v in leaves.items() if v.requires_grad}
-    grads = torch.autograd.grad(contrastive, list(differentiable.values()), allow_unused=True) if differentiable else []
+    grads = torch.autograd.grad(loss, list(differentiable.values()), allow_unused=True) if differentiable else []
     grads = {k: (g if g is not None else torch.zeros_like(differentiable[k])) for k, g in zip(differentiable, grads)}
+    for sums in sample_sums:  # the per-sample terms' values, for the log
+        value, shares = objective.sample_loss(sums, counts)
+        loss = loss + value
+        for name, share in shares.items():
+            parts[name] = parts.get(name, 0.0) + share
 
-    # 3. re-encode each micro-batch with gradient and push the cached gradients through it.
+    # 3. re-encode each micro-batch with gradient and push the cached gradients through it, with the
+    #    per-sample terms' own gradient.
+    keys = [k for k in PER_SAMPLE_FEATURES if k in cached[0]]
     offset = dict.fromkeys(keys, 0)
     for index, (batch, rand) in enumerate(zip(micro_batches, rand_states)):
         last = index == len(micro_batches) - 1
@@ -129,12 +119,29 @@ def _cached_forward_backward(model, objective, micro_batches, accelerator, ema):
         with sync, rand:
             out = model(**batch)
             surrogate = sum((out[k] * grads[k][offset[k] : offset[k] + sizes[k][index]]).sum() for k in keys)
-            for k in _SCALAR_KEYS:
+            for k in SCALAR_FEATURES:
                 if k in grads:  # the scalar's gradient once, on the first micro-batch
                     surrogate = surrogate + out[k] * (grads[k] if index == 0 else 0.0)
-            if "mlm_sum" in out:
-                surrogate = surrogate + objective.mlm_loss(out["mlm_sum"], mlm_count)
+            surrogate = surrogate + objective.sample_loss(objective.sample_sums(out), counts)[0]
             accelerator.backward(surrogate)
         for k in keys:
             offset[k] += sizes[k][index]
     return loss.detach(), {k: v.detach() for k, v in parts.items()}
+
+
+def _joined_features(cached: list[dict], rows: list[int]) -> tuple[dict, dict]:
+    """The micro-batches' features as one batch's: per-sample embeddings concatenated as leaves that
+    collect gradient, row indices shifted to rows of the whole batch, the scalars once (a leaf too);
+    and, per embedding, its rows in each micro-batch (the joint pass may cover a fraction of them)."""
+    device = cached[0]["logit_scale"].device
+    keys = [k for k in PER_SAMPLE_FEATURES if k in cached[0]]
+    leaves = {k: torch.cat([c[k] for c in cached]).detach().requires_grad_(True) for k in keys}
+    sizes = {k: [len(c[k]) for c in cached] for k in keys}
+    offsets = torch.tensor([0] + rows[:-1], device=device).cumsum(0)
+    for k in ROW_INDEX_FEATURES:
+        if k in cached[0]:
+            leaves[k] = torch.cat([c[k] + o for c, o in zip(cached, offsets)])
+    for k in SCALAR_FEATURES:
+        if k in cached[0]:
+            leaves[k] = cached[0][k].detach().clone().requires_grad_(True)
+    return leaves, sizes
