@@ -23,7 +23,7 @@ import torch
 
 from oner.data import ImageAugment, ImageTextCollator, TextAugment, flip_allowed, load_image_text_dataset
 from oner.data.augment import SampleDraws, StyleAugment, TensorAugment
-from oner.data.pairs import DamagedSample, make_sample
+from oner.data.pairs import decode_and_count
 from oner.data.stats import DataStats
 
 
@@ -469,12 +469,9 @@ class StreamingPairs(torch.utils.data.IterableDataset):
 
     def _sample(self, row: dict) -> dict | None:
         """Decode and augment one row; None (counted in `stats`) when it is damaged."""
-        try:
-            sample = make_sample(row, self.source.image_column, self.source.text_column)
-        except DamagedSample as e:
-            self.stats.record(e.kind)
+        sample = decode_and_count(row, self.source.image_column, self.source.text_column, self.stats)
+        if sample is None:
             return None
-        self.stats.record("ok")
         key = sample_key(row, self.source.text_column)
         rng = np.random.default_rng([self.seed, self.epoch, _key_number(key)])
         allow_flip = flip_allowed(sample["captions"])
