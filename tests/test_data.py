@@ -24,6 +24,7 @@ from oner.data import (
     flip_allowed,
     load_concepts,
     load_image_text_dataset,
+    looks_like_local_path,
     read_manifest,
 )
 
@@ -335,6 +336,15 @@ def test_stats_reject_unknown_kind():
 # ------------------------------------------------------------------------------------------------
 # Bad arguments: one clear error naming the problem
 # ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, local", [
+    ("owner/name", False), ("name", False), ("owner/name.v2", False),
+    ("./data", True), ("/data/x", True), ("~/x", True), ("runs/out/", True), ("a/b/c", True),
+    ("C:\\data", True), ("pairs.csv", True), ("shards/train.tar", True),
+])
+def test_local_paths_are_told_from_hub_ids(name, local):
+    assert looks_like_local_path(name) is local
 
 
 def test_bad_arguments(tmp_path, small_build, monkeypatch):

@@ -23,6 +23,7 @@ _EXPORTS = {
     "load_image_text_dataset": "pairs",
     "decode_image": "pairs",
     "decode_and_count": "pairs",
+    "looks_like_local_path": "pairs",
     "ImageTextDataset": "pairs",
     "ImageTextIterableDataset": "pairs",
     "ImageTextCollator": "pairs",

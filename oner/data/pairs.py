@@ -427,7 +427,7 @@ def load_image_text_dataset(
             f"{sorted(p.name for p in path.iterdir())[:10]}"
         )
 
-    if _looks_like_path(source):
+    if looks_like_local_path(source):
         raise FileNotFoundError(f"{source} does not exist")
     if _is_offline():
         raise FileNotFoundError(
@@ -439,13 +439,24 @@ def load_image_text_dataset(
     return _wrap(ds, image_column, text_column)
 
 
-def _looks_like_path(source: str) -> bool:
-    """A local path rather than a Hub name ("name" or "owner/name")."""
+#: Suffixes that make a name a file name: the data files above, and images.
+_FILE_SUFFIXES = (*SHARD_BUILDERS, ".png", ".jpg")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether a name that does not exist was meant as a local path rather than a Hub id ("name" or
+    "owner/name"), for a "does not exist" error instead of a Hub look-up.
+
+    A Hub id never starts with ".", "/" or "~", never ends with "/", and holds no backslash and at most
+    one "/"; a name ending in a data or image file's suffix is taken for a mistyped file (a Hub repository
+    named like a file is allowed, but unheard of). Used for data sources and model sources alike.
+    """
     return (
-        source.startswith((".", "/", "~"))
-        or source.count("/") > 1
-        or "\\" in source
-        or Path(source).suffix.lower() in (".csv", ".tsv", ".tar", ".jsonl", ".json", ".parquet", ".png", ".jpg")
+        name.startswith((".", "/", "~"))
+        or name.endswith("/")
+        or name.count("/") > 1
+        or "\\" in name
+        or Path(name).suffix.lower() in _FILE_SUFFIXES
     )
 
 
