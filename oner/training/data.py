@@ -223,7 +223,7 @@ def open_train_data(args, seed: int, image_size: int, rank: int = 0, world_size:
     if len(source) == 0:
         raise ValueError(f"{args.train_data} holds no image-text pairs")
     if args.train_filter:
-        source = filter_rows(source, args.train_filter, args.train_data)
+        source.hf_dataset = filter_rows(source.hf_dataset, args.train_filter, args.train_data)
     return AugmentedPairs(source, image_augment, text_augment, seed=seed, limit=args.max_train_samples,
                           tensor_augment=tensor_augment)
 
@@ -248,12 +248,7 @@ def open_stream(source, args, seed, image_augment, text_augment, rank: int, worl
     # shuffled by StreamingPairs' buffer, whose content a checkpoint keeps.
     stream = stream.shuffle(seed=seed, buffer_size=1)
     if args.train_filter:
-        column, value = parse_filter(args.train_filter)
-        columns = list(stream.column_names or [])
-        if columns and column not in columns:
-            raise ValueError(f"--train_filter {args.train_filter!r}: {args.train_data} has no column {column!r}; "
-                             f"columns: {columns}")
-        stream = stream.filter(lambda row: str(row[column]).lower() == value)
+        stream = filter_rows(stream, args.train_filter, args.train_data)
     if args.max_train_samples:
         stream = stream.take(args.max_train_samples)
     if world_size > 1 and stream.n_shards % world_size and rank == 0:
@@ -264,19 +259,25 @@ def open_stream(source, args, seed, image_augment, text_augment, rank: int, worl
                           tensor_augment=tensor_augment)
 
 
-def filter_rows(dataset, spec: str, source: str):
-    """Keep the rows whose metadata column equals a value: `"skin_tone=false"` (case-insensitive
-    string comparison, so booleans and numbers work as written). Raises ValueError naming the column
-    when it is missing and when no row is left."""
+def filter_rows(table, spec: str, source: str):
+    """The rows of `table` (a `datasets.Dataset` or a stream) whose metadata column equals a value:
+    `"skin_tone=false"` (case-insensitive string comparison, so booleans and numbers work as written).
+
+    Raises ValueError naming the column when it is missing (for a stream, when its columns are known
+    before reading) and, for a `Dataset`, when no row is left. A stream is filtered as it is read.
+    """
+    import datasets
+
     column, value = parse_filter(spec)
-    table = dataset.hf_dataset
-    if column not in table.column_names:
-        raise ValueError(f"--train_filter {spec!r}: {source} has no column {column!r}; columns: {table.column_names}")
+    columns = list(table.column_names or [])
+    if columns and column not in columns:
+        raise ValueError(f"--train_filter {spec!r}: {source} has no column {column!r}; columns: {columns}")
+    if isinstance(table, datasets.IterableDataset):
+        return table.filter(lambda row: str(row[column]).lower() == value)
     keep = [i for i, v in enumerate(table[column]) if str(v).lower() == value]
     if not keep:
         raise ValueError(f"--train_filter {spec!r}: no row of {source} has {column} = {value!r}")
-    dataset.hf_dataset = table.select(keep)
-    return dataset
+    return table.select(keep)
 
 
 def parse_filter(spec: str) -> tuple[str, str]:
