@@ -634,8 +634,8 @@ def test_tensor_backend_loader_is_independent_of_workers(small_build, tiny_proce
         args = _train_args(data, randconv_probability=0.5, greyscale_probability=0.5, augment_backend=backend) \
             if backend == "tensor" else _train_args(data, augment_backend="pil")
         dataset = open_train_data(args, seed=3, image_size=16)
-        loader, sampler = make_dataloader(dataset, tiny_processor, 4, seed=3, num_workers=num_workers)
-        sampler.set_epoch(1)
+        loader = make_dataloader(dataset, tiny_processor, 4, seed=3, num_workers=num_workers)
+        loader.sampler.set_epoch(1)
         dataset.set_epoch(1)
         return list(itertools.islice(loader, 2))
 

@@ -308,18 +308,17 @@ def make_stream_loader(dataset: StreamingPairs, processor, batch_size: int, num_
 
 
 def make_dataloader(dataset: AugmentedPairs, processor, batch_size: int, seed: int, num_workers: int):
-    """DataLoader over `dataset` with its backend's collator (drops damaged samples)."""
-    sampler = EpochSampler(len(dataset), seed=seed)
-    collator = CountingCollator(make_collator(dataset, processor))
+    """DataLoader over `dataset` with its backend's collator (drops damaged samples). Its sampler, an
+    `EpochSampler`, is `loader.sampler`; accelerate's prepared loader passes `set_epoch` on to it."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=sampler,
-        collate_fn=collator,
+        sampler=EpochSampler(len(dataset), seed=seed),
+        collate_fn=CountingCollator(make_collator(dataset, processor)),
         drop_last=True,  # every rank and micro-batch the same size: gathers need equal shapes
         num_workers=num_workers,
         persistent_workers=False,  # workers are re-forked each epoch and see the new epoch number
-    ), sampler
+    )
 
 
 # ---------------------------------------------------------------------------------------------
