@@ -179,8 +179,8 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     so the data position after a resume is exact.
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
-        self.n, self.seed, self.shuffle, self.epoch = n, int(seed), shuffle, 0
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, int(seed), 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -189,8 +189,6 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return self.n
 
     def __iter__(self):
-        if not self.shuffle:
-            return iter(range(self.n))
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(self.n, generator=generator).tolist())
 
