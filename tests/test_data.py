@@ -686,3 +686,23 @@ def test_colour_changes_spare_captions_that_name_a_colour():
     np.testing.assert_array_equal(named.outline[2], free.outline[2])  # the outline is drawn as before
     unguarded = StyleAugment(hue=0.5, keep_named_colours=False).draw(np.random.default_rng(0), 8, allow_colour=False)
     assert unguarded.hue == free.hue
+
+
+def test_train_filter_keeps_the_same_rows_of_a_table_and_of_a_stream():
+    import datasets
+
+    from oner.training.data import filter_rows
+
+    table = datasets.Dataset.from_dict({"text": ["a", "b", "c", "d"], "skin_tone": ["true", "false", "FALSE", "yes"]})
+    kept = filter_rows(table, "skin_tone = False", "toy")
+    streamed = filter_rows(table.to_iterable_dataset(), "skin_tone=false", "toy")
+    assert kept["text"] == [row["text"] for row in streamed] == ["b", "c"]
+    for source in (table, table.to_iterable_dataset()):
+        with pytest.raises(ValueError, match="toy has no column 'tone'"):
+            filter_rows(source, "tone=false", "toy")
+    with pytest.raises(ValueError, match="no row of toy has skin_tone = 'maybe'"):
+        filter_rows(table, "skin_tone=maybe", "toy")
+    with pytest.raises(ValueError, match="expected column=value"):
+        filter_rows(table, "skin_tone", "toy")
+    flags = datasets.Dataset.from_dict({"text": ["a", "b"], "flag": [True, False]})
+    assert filter_rows(flags, "flag=False", "toy")["text"] == ["b"]  # booleans compare as written
