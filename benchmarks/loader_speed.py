@@ -39,15 +39,15 @@ def make_loader(train_argv: list[str], backend: str):
     configure_threads(args.num_threads)
     _, _, processor, config = build_model(args, ObjectiveConfig.from_flags(args))
     dataset = open_train_data(args, seed=args.seed, image_size=config.image_size)
-    loader, sampler = make_dataloader(dataset, processor, args.per_device_batch_size, seed=args.seed,
-                                      num_workers=args.dataloader_num_workers)
-    return loader, sampler, dataset, args
+    loader = make_dataloader(dataset, processor, args.per_device_batch_size, seed=args.seed,
+                             num_workers=args.dataloader_num_workers)
+    return loader, dataset, args
 
 
-def read_batches(loader, sampler, dataset, batches: int, epoch: int) -> tuple[float, float]:
+def read_batches(loader, dataset, batches: int, epoch: int) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) to read `batches` batches of a fresh epoch. The
     CPU time is what the loader costs whatever else the machine runs (with 0 loader workers)."""
-    sampler.set_epoch(epoch)
+    loader.sampler.set_epoch(epoch)
     dataset.set_epoch(epoch)
     start, cpu = time.perf_counter(), time.process_time()
     for i, batch in enumerate(loader):
@@ -70,12 +70,12 @@ def main(argv=None) -> int:
         args.batches, args.turns = 4, 2
     load_start = loadavg()
     loaders = {backend: make_loader(train_argv, backend) for backend in BACKENDS}
-    batch = loaders["pil"][3].per_device_batch_size
-    cold = {b: read_batches(*loaders[b][:3], len(loaders[b][0]), epoch=0) for b in BACKENDS}
+    batch = loaders["pil"][2].per_device_batch_size
+    cold = {b: read_batches(*loaders[b][:2], len(loaders[b][0]), epoch=0) for b in BACKENDS}
     warm: dict[str, list[tuple[float, float]]] = {b: [] for b in BACKENDS}
     for turn in range(args.turns):
         for backend in BACKENDS:
-            warm[backend].append(read_batches(*loaders[backend][:3], args.batches, epoch=turn + 1))
+            warm[backend].append(read_batches(*loaders[backend][:2], args.batches, epoch=turn + 1))
     pairs = {b: batch * args.batches / median([wall for wall, _ in warm[b]]) for b in BACKENDS}
     cpu_pairs = {b: batch * args.batches / median([cpu for _, cpu in warm[b]]) for b in BACKENDS}
     cold_pairs = {b: batch * len(loaders[b][0]) / cold[b][0] for b in BACKENDS}

@@ -111,7 +111,7 @@ def bare_step(train_argv: list[str], repeats: int, calls: int, profile_steps: in
     objective = Objective(ObjectiveConfig.from_flags(args))
     pretrainer, model, processor, config = build_model(args, objective.config)
     dataset = open_train_data(args, seed=args.seed, image_size=config.image_size)
-    loader, _ = make_dataloader(dataset, processor, args.per_device_batch_size, seed=args.seed, num_workers=0)
+    loader = make_dataloader(dataset, processor, args.per_device_batch_size, seed=args.seed, num_workers=0)
     batch = dict(next(iter(loader)))
     optimizer = make_optimizer(pretrainer, args)
     state = TrainState()

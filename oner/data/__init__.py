@@ -4,7 +4,7 @@ Public API (imported lazily so that ``import oner.data`` stays cheap):
 
 - ``build_embedded_dataset(root=None, seed=0, progress=True, limit=None) -> Path``
 - ``load_image_text_dataset(source, *, image_column=None, text_column=None, split="train", streaming=None)``
-- ``ImageTextCollator(processor, image_transform=None, text_transform=None, stats=None)``
+- ``ImageTextCollator(processor, stats=None)``
 - ``ImageAugment``, ``TextAugment``, ``flip_allowed``, ``colour_allowed``
 - ``TensorAugment``, ``StyleAugment``: the batched augmentation backend and its style augmentations
 - ``DataStats``, ``DAMAGE_KINDS``
@@ -22,6 +22,8 @@ _EXPORTS = {
     "SPLITS": "embedded",
     "load_image_text_dataset": "pairs",
     "decode_image": "pairs",
+    "decode_and_count": "pairs",
+    "looks_like_local_path": "pairs",
     "ImageTextDataset": "pairs",
     "ImageTextIterableDataset": "pairs",
     "ImageTextCollator": "pairs",

@@ -1,10 +1,9 @@
 """Augmentations without torchvision: PIL + numpy only.
 
 Determinism: each transform owns a ``numpy.random.Generator`` made from ``seed``; a call may pass
-its own ``rng`` (a numpy Generator or a ``torch.Generator``, from which one seed is drawn, advancing
-it) instead. Training passes one per sample, seeded from the run's seed, the epoch and the sample's
-index (``oner.training.data``), so draws depend on no worker's or process's history and a resumed
-run repeats them.
+its own ``rng`` (a numpy Generator) instead. Training passes one per sample, seeded from the run's
+seed, the epoch and the sample's index (``oner.training.data``), so draws depend on no worker's or
+process's history and a resumed run repeats them.
 """
 
 from __future__ import annotations
@@ -53,26 +52,18 @@ def flip_allowed(captions: str | Sequence[str]) -> bool:
     return not any(_NO_FLIP.search(c) for c in items)
 
 
-def _as_numpy_rng(rng: Any) -> np.random.Generator:
-    """A numpy Generator from a numpy Generator or a torch.Generator (one draw advances it)."""
-    if isinstance(rng, np.random.Generator):
-        return rng
-    import torch
-
-    if isinstance(rng, torch.Generator):
-        seed = int(torch.randint(0, 2**62, (1,), generator=rng))
-        return np.random.default_rng(seed)
-    raise TypeError(f"rng must be a numpy.random.Generator or torch.Generator, not {type(rng).__name__}")
-
-
 class _Seeded:
     """A transform owning a seeded numpy Generator, used when a call passes no ``rng``."""
 
     def __init__(self, seed: int | None) -> None:
         self.rng = np.random.default_rng(seed)
 
-    def _rng(self, rng: Any) -> np.random.Generator:
-        return self.rng if rng is None else _as_numpy_rng(rng)
+    def _rng(self, rng: np.random.Generator | None) -> np.random.Generator:
+        if rng is None:
+            return self.rng
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy.random.Generator, not {type(rng).__name__}")
+        return rng
 
 
 # Colour jitter's three operations, in the order of `AugmentParams.jitter`'s factors.
@@ -167,7 +158,8 @@ class ImageAugment(_Seeded):
             image = image.filter(ImageFilter.GaussianBlur(radius=params.blur_radius))
         return image
 
-    def __call__(self, image: Image.Image, *, allow_flip: bool = True, rng: Any = None) -> Image.Image:
+    def __call__(self, image: Image.Image, *, allow_flip: bool = True,
+                 rng: np.random.Generator | None = None) -> Image.Image:
         """Augment one image; ``allow_flip=False`` for direction- or text-bearing concepts."""
         rng = self._rng(rng)
         image = pil_to_rgb(image)
@@ -203,7 +195,7 @@ class TextAugment(_Seeded):
             return caps or [sample.get("text", "")]
         return list(sample)
 
-    def __call__(self, sample: Any, *, rng: Any = None) -> str:
+    def __call__(self, sample: Any, *, rng: np.random.Generator | None = None) -> str:
         rng = self._rng(rng)
         captions = [c for c in self._captions(sample) if c and c.strip()] or [""]
         index = int(rng.integers(0, len(captions))) if self.alias_choice else 0

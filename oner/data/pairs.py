@@ -129,6 +129,23 @@ def make_sample(row: dict, image_column: str, text_column: str) -> dict:
     return {"image": image, "text": captions[0], "captions": captions}
 
 
+def decode_and_count(row: dict, image_column: str, text_column: str, stats: DataStats, *,
+                     count_ok: bool = True) -> dict | None:
+    """``make_sample(row, ...)``, counted in ``stats``: the sample (counted ``ok``), or ``None`` with its
+    damage counted by kind. Every reader decodes through this, so all count damage alike.
+
+    ``count_ok=False`` for a second look at a sample a reader already counted (the collator's).
+    """
+    try:
+        sample = make_sample(row, image_column, text_column)
+    except DamagedSample as e:
+        stats.record(e.kind)
+        return None
+    if count_ok:
+        stats.record("ok")
+    return sample
+
+
 # ----------------------------------------------------------------------------------------------
 # Torch data sets
 # ----------------------------------------------------------------------------------------------
@@ -158,13 +175,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict | None:
         row = self._resolve(self.hf_dataset[int(index)])
-        try:
-            sample = make_sample(row, self.image_column, self.text_column)
-        except DamagedSample as e:
-            self.stats.record(e.kind)
-            return None
-        self.stats.record("ok")
-        return sample
+        return decode_and_count(row, self.image_column, self.text_column, self.stats)
 
     @property
     def column_names(self) -> list[str]:
@@ -185,13 +196,9 @@ class ImageTextIterableDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         for row in self.hf_dataset:
-            try:
-                sample = make_sample(row, self.image_column, self.text_column)
-            except DamagedSample as e:
-                self.stats.record(e.kind)
-                continue
-            self.stats.record("ok")
-            yield sample
+            sample = decode_and_count(row, self.image_column, self.text_column, self.stats)
+            if sample is not None:
+                yield sample
 
     def set_epoch(self, epoch: int) -> None:
         """Forward to ``datasets`` so that shuffling buffers change per epoch."""
@@ -420,7 +427,7 @@ def load_image_text_dataset(
             f"{sorted(p.name for p in path.iterdir())[:10]}"
         )
 
-    if _looks_like_path(source):
+    if looks_like_local_path(source):
         raise FileNotFoundError(f"{source} does not exist")
     if _is_offline():
         raise FileNotFoundError(
@@ -432,13 +439,24 @@ def load_image_text_dataset(
     return _wrap(ds, image_column, text_column)
 
 
-def _looks_like_path(source: str) -> bool:
-    """A local path rather than a Hub name ("name" or "owner/name")."""
+#: Suffixes that make a name a file name: the data files above, and images.
+_FILE_SUFFIXES = (*SHARD_BUILDERS, ".png", ".jpg")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether a name that does not exist was meant as a local path rather than a Hub id ("name" or
+    "owner/name"), for a "does not exist" error instead of a Hub look-up.
+
+    A Hub id never starts with ".", "/" or "~", never ends with "/", and holds no backslash and at most
+    one "/"; a name ending in a data or image file's suffix is taken for a mistyped file (a Hub repository
+    named like a file is allowed, but unheard of). Used for data sources and model sources alike.
+    """
     return (
-        source.startswith((".", "/", "~"))
-        or source.count("/") > 1
-        or "\\" in source
-        or Path(source).suffix.lower() in (".csv", ".tsv", ".tar", ".jsonl", ".json", ".parquet", ".png", ".jpg")
+        name.startswith((".", "/", "~"))
+        or name.endswith("/")
+        or name.count("/") > 1
+        or "\\" in name
+        or Path(name).suffix.lower() in _FILE_SUFFIXES
     )
 
 
@@ -470,25 +488,16 @@ def _absolute_paths(base: Path, image_column: str | None) -> Callable[[dict], di
 
 
 class ImageTextCollator:
-    """Batch samples for the model: drop ``None`` items, augment, and call the processor.
+    """Batch samples for the model: drop ``None`` and damaged items (counted), call the processor.
 
     ``processor(text=[...], images=[...], return_tensors="pt", padding=True, truncation=True)`` is
     called on the surviving samples; samples with a ``"key"`` add ``"sample_keys"`` (a list) to the
-    batch. ``image_transform(image, allow_flip=...)`` and
-    ``text_transform(sample) -> str`` are optional (see ``augment.py``). Returns ``None`` when every
-    sample of the batch was damaged: the training loop should skip that step.
+    batch. Samples arrive augmented (``oner.training.data`` draws each one's augmentation). Returns
+    ``None`` when every sample of the batch was damaged: the training loop should skip that step.
     """
 
-    def __init__(
-        self,
-        processor: Callable[..., Any],
-        image_transform: Callable[..., Image.Image] | None = None,
-        text_transform: Callable[[dict], str] | None = None,
-        stats: DataStats | None = None,
-    ) -> None:
+    def __init__(self, processor: Callable[..., Any], stats: DataStats | None = None) -> None:
         self.processor = processor
-        self.image_transform = image_transform
-        self.text_transform = text_transform
         self.stats = stats if stats is not None else DataStats()
 
     def _check(self, sample: Any) -> dict | None:
@@ -496,35 +505,16 @@ class ImageTextCollator:
         if sample is None:
             self.stats.record("dropped_in_collate")
             return None
-        captions = _clean_captions(sample.get("captions")) or _clean_captions(sample.get("text"))
-        if not captions:
-            self.stats.record("empty_caption")
-            return None
-        image = sample.get("image")
-        if not isinstance(image, Image.Image):
-            try:
-                image = decode_image(image)
-            except DamagedSample as e:
-                self.stats.record(e.kind)
-                return None
-        text = _clean_captions(sample.get("text"))
-        return {**sample, "image": image, "captions": captions, "text": text[0] if text else captions[0]}
+        # The reader counted this sample as ok already; here only damage it let through counts.
+        decoded = decode_and_count(sample, "image", "text", self.stats, count_ok=False)
+        return None if decoded is None else {**sample, **decoded}
 
     def __call__(self, samples: Sequence[dict | None]):
-        from .augment import flip_allowed
-
         good = [s for s in (self._check(s) for s in samples) if s is not None]
         if not good:
             return None
-        texts, images = [], []
-        for s in good:
-            text = self.text_transform(s) if self.text_transform is not None else s["text"]
-            image = s["image"]
-            if self.image_transform is not None:
-                image = self.image_transform(image, allow_flip=flip_allowed(s["captions"]))
-            texts.append(text)
-            images.append(image)
-        batch = self.processor(text=texts, images=images, return_tensors="pt", padding=True, truncation=True)
+        batch = self.processor(text=[s["text"] for s in good], images=[s["image"] for s in good],
+                               return_tensors="pt", padding=True, truncation=True)
         if all("key" in s for s in good):  # streams name their samples: the loop can tell which it trained on
             batch["sample_keys"] = [s["key"] for s in good]
         return batch

@@ -43,8 +43,6 @@ class DataStats:
     one-line report the training loop prints at the end.
     """
 
-    kinds: tuple[str, ...] = DAMAGE_KINDS
-
     def __init__(self) -> None:
         self._counts = torch.zeros(_MAX_WORKERS + 1, len(_COLUMNS), dtype=torch.int64)
         # Shared memory: forked or spawned DataLoader workers write into the same storage.

@@ -23,7 +23,7 @@ import torch
 
 from oner.data import ImageAugment, ImageTextCollator, TextAugment, flip_allowed, load_image_text_dataset
 from oner.data.augment import SampleDraws, StyleAugment, TensorAugment
-from oner.data.pairs import DamagedSample, make_sample
+from oner.data.pairs import decode_and_count
 from oner.data.stats import DataStats
 
 
@@ -179,8 +179,8 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     so the data position after a resume is exact.
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
-        self.n, self.seed, self.shuffle, self.epoch = n, int(seed), shuffle, 0
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, int(seed), 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -189,8 +189,6 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return self.n
 
     def __iter__(self):
-        if not self.shuffle:
-            return iter(range(self.n))
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(self.n, generator=generator).tolist())
 
@@ -223,7 +221,7 @@ def open_train_data(args, seed: int, image_size: int, rank: int = 0, world_size:
     if len(source) == 0:
         raise ValueError(f"{args.train_data} holds no image-text pairs")
     if args.train_filter:
-        source = filter_rows(source, args.train_filter, args.train_data)
+        source.hf_dataset = filter_rows(source.hf_dataset, args.train_filter, args.train_data)
     return AugmentedPairs(source, image_augment, text_augment, seed=seed, limit=args.max_train_samples,
                           tensor_augment=tensor_augment)
 
@@ -248,12 +246,7 @@ def open_stream(source, args, seed, image_augment, text_augment, rank: int, worl
     # shuffled by StreamingPairs' buffer, whose content a checkpoint keeps.
     stream = stream.shuffle(seed=seed, buffer_size=1)
     if args.train_filter:
-        column, value = parse_filter(args.train_filter)
-        columns = list(stream.column_names or [])
-        if columns and column not in columns:
-            raise ValueError(f"--train_filter {args.train_filter!r}: {args.train_data} has no column {column!r}; "
-                             f"columns: {columns}")
-        stream = stream.filter(lambda row: str(row[column]).lower() == value)
+        stream = filter_rows(stream, args.train_filter, args.train_data)
     if args.max_train_samples:
         stream = stream.take(args.max_train_samples)
     if world_size > 1 and stream.n_shards % world_size and rank == 0:
@@ -264,19 +257,25 @@ def open_stream(source, args, seed, image_augment, text_augment, rank: int, worl
                           tensor_augment=tensor_augment)
 
 
-def filter_rows(dataset, spec: str, source: str):
-    """Keep the rows whose metadata column equals a value: `"skin_tone=false"` (case-insensitive
-    string comparison, so booleans and numbers work as written). Raises ValueError naming the column
-    when it is missing and when no row is left."""
+def filter_rows(table, spec: str, source: str):
+    """The rows of `table` (a `datasets.Dataset` or a stream) whose metadata column equals a value:
+    `"skin_tone=false"` (case-insensitive string comparison, so booleans and numbers work as written).
+
+    Raises ValueError naming the column when it is missing (for a stream, when its columns are known
+    before reading) and, for a `Dataset`, when no row is left. A stream is filtered as it is read.
+    """
+    import datasets
+
     column, value = parse_filter(spec)
-    table = dataset.hf_dataset
-    if column not in table.column_names:
-        raise ValueError(f"--train_filter {spec!r}: {source} has no column {column!r}; columns: {table.column_names}")
+    columns = list(table.column_names or [])
+    if columns and column not in columns:
+        raise ValueError(f"--train_filter {spec!r}: {source} has no column {column!r}; columns: {columns}")
+    if isinstance(table, datasets.IterableDataset):
+        return table.filter(lambda row: str(row[column]).lower() == value)
     keep = [i for i, v in enumerate(table[column]) if str(v).lower() == value]
     if not keep:
         raise ValueError(f"--train_filter {spec!r}: no row of {source} has {column} = {value!r}")
-    dataset.hf_dataset = table.select(keep)
-    return dataset
+    return table.select(keep)
 
 
 def parse_filter(spec: str) -> tuple[str, str]:
@@ -307,18 +306,17 @@ def make_stream_loader(dataset: StreamingPairs, processor, batch_size: int, num_
 
 
 def make_dataloader(dataset: AugmentedPairs, processor, batch_size: int, seed: int, num_workers: int):
-    """DataLoader over `dataset` with its backend's collator (drops damaged samples)."""
-    sampler = EpochSampler(len(dataset), seed=seed)
-    collator = CountingCollator(make_collator(dataset, processor))
+    """DataLoader over `dataset` with its backend's collator (drops damaged samples). Its sampler, an
+    `EpochSampler`, is `loader.sampler`; accelerate's prepared loader passes `set_epoch` on to it."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=sampler,
-        collate_fn=collator,
+        sampler=EpochSampler(len(dataset), seed=seed),
+        collate_fn=CountingCollator(make_collator(dataset, processor)),
         drop_last=True,  # every rank and micro-batch the same size: gathers need equal shapes
         num_workers=num_workers,
         persistent_workers=False,  # workers are re-forked each epoch and see the new epoch number
-    ), sampler
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,12 +467,9 @@ class StreamingPairs(torch.utils.data.IterableDataset):
 
     def _sample(self, row: dict) -> dict | None:
         """Decode and augment one row; None (counted in `stats`) when it is damaged."""
-        try:
-            sample = make_sample(row, self.source.image_column, self.source.text_column)
-        except DamagedSample as e:
-            self.stats.record(e.kind)
+        sample = decode_and_count(row, self.source.image_column, self.source.text_column, self.stats)
+        if sample is None:
             return None
-        self.stats.record("ok")
         key = sample_key(row, self.source.text_column)
         rng = np.random.default_rng([self.seed, self.epoch, _key_number(key)])
         allow_flip = flip_allowed(sample["captions"])

@@ -27,7 +27,6 @@ def whole_word_mask(
     is_subword: torch.Tensor,
     mask_token_id: int,
     probability: float = 0.15,
-    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace every piece of randomly chosen WORDS by [MASK] (BERT's whole-word masking).
 
@@ -47,7 +46,7 @@ def whole_word_mask(
     starts[:, 0] |= real[:, 0]  # a caption that begins with a ## piece still begins a word
     word_index = torch.cumsum(starts.long(), dim=1) - 1  # word of each token, -1 before the first
     n_words = int(starts.sum(dim=1).max())
-    draws = torch.rand(input_ids.shape[0], max(n_words, 1), generator=generator, device=input_ids.device)
+    draws = torch.rand(input_ids.shape[0], max(n_words, 1), device=input_ids.device)
     chosen = draws < probability
     # At least one word per caption: the word with the smallest draw among the real words.
     words_per_row = starts.sum(dim=1)

@@ -32,6 +32,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from oner.data.pairs import looks_like_local_path
+
 #: `--config_overrides` fields that may differ from the loaded model's: they change training, not
 #: the weights' meaning (OneR only; a CLIP baseline takes none).
 ADJUSTABLE_FIELDS = ("attention_dropout",)
@@ -65,11 +67,6 @@ class Source:
         return self.config.get("model_type")
 
 
-def _looks_like_path(name: str) -> bool:
-    """A local path rather than a Hub id (`name` or `owner/name`)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
-
-
 def resolve_source(name: str, revision: str | None = None) -> Source:
     """Find `name` (a local folder, else a Hub id) and read its `config.json`; `SourceError` if that fails."""
     path = Path(name).expanduser()
@@ -90,7 +87,7 @@ def resolve_source(name: str, revision: str | None = None) -> Source:
         except (OSError, ValueError) as e:
             raise SourceError(f"--model_name_or_path {name}: config.json cannot be read ({e})") from None
         return Source(name, None, True, config if isinstance(config, dict) else {})
-    if _looks_like_path(name):
+    if looks_like_local_path(name):
         raise SourceError(f"--model_name_or_path {name} does not exist")
     return Source(name, revision, False, _hub_config(name, revision))
 

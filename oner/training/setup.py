@@ -338,7 +338,7 @@ def setup(args) -> Run:
                             "--max_steps too (the schedule's length; the epochs still bound the run)")
         dataloader = make_stream_loader(dataset, processor, args.per_device_batch_size, args.dataloader_num_workers)
     else:
-        dataloader, _ = make_dataloader(
+        dataloader = make_dataloader(
             dataset, processor, args.per_device_batch_size, seed=args.seed, num_workers=args.dataloader_num_workers
         )
         if len(dataloader) < accelerator.num_processes * args.accum_freq:
