@@ -77,7 +77,8 @@ def test_soft_target_loss_against_hand_computed_values():
     targets = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.7, 0.3], [0.3, 0.0, 0.7]])
     logits = 3.0 * q @ k.t()
     expected = (_ce(logits, targets) + _ce(logits.t(), targets.t())) / 2
-    assert soft_target_loss(q, k, targets, torch.tensor(math.log(3.0))).item() == pytest.approx(expected.item(), rel=1e-6)
+    loss = soft_target_loss(q, k, targets, torch.tensor(math.log(3.0)))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(ValueError, match="do not match"):
         soft_target_loss(q, k, targets[:2], torch.tensor(0.0))
 
@@ -95,7 +96,8 @@ def test_shared_text_loss_keeps_a_text_only_joint_embedding_off_its_minimum():
         assert text_only == pytest.approx((math.log1p(math.exp(-s)) + math.log(2 + 2 * math.exp(-s))) / 2, rel=1e-6)
         assert text_only > math.log(2) / 2
         with_image = shared_text_loss(targets, other, targets, scale).item()
-        assert with_image == pytest.approx((math.log1p(math.exp(-s)) + math.log1p(3 * math.exp(-s))) / 2, rel=1e-5, abs=1e-7)
+        expected = (math.log1p(math.exp(-s)) + math.log1p(3 * math.exp(-s))) / 2
+        assert with_image == pytest.approx(expected, rel=1e-5, abs=1e-7)
     # three rows: joint -> targets over the batch, targets -> [joint; joint_negative]
     joint, negative, image = _unit(0.0, 1.2, 2.9), _unit(0.5, 1.7, 2.4), _unit(0.3, 1.0, 2.0)
     expected = (_ce(3.0 * joint @ image.t(), torch.eye(3))
