@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import TINY, free_port
-from oner.losses import clamp_logit_scale_, pairwise_loss
+from oner.losses import clamp_logit_scale_, pairwise_loss, shared_text_loss, soft_target_loss
 
 SETTINGS = [  # (objective, pairwise kind, local_loss)
     ("xmc+cmc", "softmax", False),
@@ -24,24 +24,88 @@ def _features(n=8, d=6, seed=0):
     return q, k
 
 
+def _unit(*angles):
+    """Rows (cos a, sin a): L2-normalised 2-d embeddings."""
+    a = torch.tensor(angles)
+    return torch.stack([a.cos(), a.sin()], dim=1)
+
+
+def _ce(logits, targets):
+    """Cross-entropy written out: the mean over rows of -sum_j targets_ij * log(softmax(logits_i)_j)."""
+    e = logits.exp()
+    return -(targets * (e / e.sum(dim=1, keepdim=True)).log()).sum(dim=1).mean()
+
+
 def test_softmax_matches_clip_formula():
-    q, k = _features()
-    scale = torch.tensor(math.log(10.0))
-    logits = 10.0 * q @ k.t()
-    labels = torch.arange(len(q))
-    expected = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.t(), labels)) / 2
-    assert torch.allclose(pairwise_loss(q, k, scale), expected)
-    # one process: local loss is the same thing
-    assert torch.allclose(pairwise_loss(q, k, scale, local_loss=True), expected)
+    # two orthogonal pairs at scale 2: every row sees logits (2, 0), so each direction is ln(1 + e^-2)
+    e = torch.eye(2)
+    assert pairwise_loss(e, e, torch.tensor(math.log(2.0))).item() == pytest.approx(math.log1p(math.exp(-2)), rel=1e-6)
+    # three rows, not symmetric: q -> k and k -> q differ
+    q, k = _unit(0.0, 1.2, 2.9), _unit(0.3, 1.0, 2.0)
+    logits = 3.0 * q @ k.t()
+    expected = (_ce(logits, torch.eye(3)) + _ce(logits.t(), torch.eye(3))) / 2
+    scale = torch.tensor(math.log(3.0))
+    assert pairwise_loss(q, k, scale).item() == pytest.approx(expected.item(), rel=1e-6)
+    # one process: the local loss is the same thing
+    assert pairwise_loss(q, k, scale, local_loss=True).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_sigmoid_matches_siglip_formula():
-    q, k = _features()
-    scale, bias = torch.tensor(math.log(10.0)), torch.tensor(-2.0)
-    logits = 10.0 * q @ k.t() - 2.0
-    signs = 2 * torch.eye(len(q)) - 1
-    expected = -torch.nn.functional.logsigmoid(signs * logits).sum() / len(q)
-    assert torch.allclose(pairwise_loss(q, k, scale, kind="sigmoid", logit_bias=bias), expected)
+    # two orthogonal pairs, scale 2, bias -1: logits [[1, -1], [-1, 1]], every pair on its right side by 1
+    e = torch.eye(2)
+    loss = pairwise_loss(e, e, torch.tensor(math.log(2.0)), kind="sigmoid", logit_bias=torch.tensor(-1.0))
+    assert loss.item() == pytest.approx(4 * math.log1p(math.exp(-1)) / 2, rel=1e-6)  # 4 terms over 2 rows
+    # -sum_ij log sigmoid(y_ij * logit_ij) / n, with log sigmoid(x) = -log(1 + e^-x), y = +1 on the diagonal only
+    q, k = _unit(0.0, 1.2, 2.9), _unit(0.3, 1.0, 2.0)
+    logits = 3.0 * q @ k.t() - 2.0
+    signs = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1]])
+    expected = (1 + (-signs * logits).exp()).log().sum() / 3
+    loss = pairwise_loss(q, k, torch.tensor(math.log(3.0)), kind="sigmoid", logit_bias=torch.tensor(-2.0))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_soft_target_loss_against_hand_computed_values():
+    # two orthogonal pairs at scale 2, targets 3/4 on the own column: each row is
+    # -(3/4 ln p + 1/4 ln(1 - p)) with p = e^2 / (e^2 + 1), in both directions
+    e = torch.eye(2)
+    p = math.exp(2) / (math.exp(2) + 1)
+    targets = torch.tensor([[0.75, 0.25], [0.25, 0.75]])
+    loss = soft_target_loss(e, e, targets, torch.tensor(math.log(2.0)))
+    assert loss.item() == pytest.approx(-(0.75 * math.log(p) + 0.25 * math.log(1 - p)), rel=1e-6)
+    # three rows, targets not symmetric: the key -> query direction scores the TRANSPOSED targets
+    q, k = _unit(0.0, 1.2, 2.9), _unit(0.3, 1.0, 2.0)
+    targets = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.7, 0.3], [0.3, 0.0, 0.7]])
+    logits = 3.0 * q @ k.t()
+    expected = (_ce(logits, targets) + _ce(logits.t(), targets.t())) / 2
+    loss = soft_target_loss(q, k, targets, torch.tensor(math.log(3.0)))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="do not match"):
+        soft_target_loss(q, k, targets[:2], torch.tensor(0.0))
+
+
+def test_shared_text_loss_keeps_a_text_only_joint_embedding_off_its_minimum():
+    """Targets e1, e2 (d = 3). A joint embedding that is its caption's alone comes out the same over
+    the context without the image, so each target sees it twice: at scale s the loss is
+    (ln(1 + e^-s) + ln(2 + 2 e^-s)) / 2 > ln(2) / 2 whatever s. A joint embedding that carries the
+    image, against a negative e3 orthogonal to every target, gets (ln(1 + e^-s) + ln(1 + 3 e^-s)) / 2."""
+    targets = torch.eye(3)[:2]
+    other = torch.eye(3)[[2, 2]]
+    for s in (4.0, 100.0):
+        scale = torch.tensor(math.log(s))
+        text_only = shared_text_loss(targets, targets, targets, scale).item()
+        assert text_only == pytest.approx((math.log1p(math.exp(-s)) + math.log(2 + 2 * math.exp(-s))) / 2, rel=1e-6)
+        assert text_only > math.log(2) / 2
+        with_image = shared_text_loss(targets, other, targets, scale).item()
+        expected = (math.log1p(math.exp(-s)) + math.log1p(3 * math.exp(-s))) / 2
+        assert with_image == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    # three rows: joint -> targets over the batch, targets -> [joint; joint_negative]
+    joint, negative, image = _unit(0.0, 1.2, 2.9), _unit(0.5, 1.7, 2.4), _unit(0.3, 1.0, 2.0)
+    expected = (_ce(3.0 * joint @ image.t(), torch.eye(3))
+                + _ce(3.0 * image @ torch.cat([joint, negative]).t(), torch.eye(3, 6))) / 2
+    loss = shared_text_loss(joint, negative, image, torch.tensor(math.log(3.0)))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="same shape"):
+        shared_text_loss(joint, negative[:2], image, torch.tensor(0.0))
 
 
 def test_unknown_kind_and_missing_bias():

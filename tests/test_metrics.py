@@ -8,12 +8,25 @@ from oner.evaluation.context import chance_recall
 from oner.evaluation.metrics import METRIC_NAMES, load_metric, metric_path
 
 
+# one hand-computed case a metric: of two queries, the first right and the second wrong at the first rank
+HAND_CASES = {
+    "retrieval_recall": (dict(predictions=[[1, 0, 2], [0, 2, 1]], references=[[1], [2]], k=[1, 2]),
+                         {"R@1": 0.5, "R@2": 1.0}),
+    "topk_accuracy": (dict(predictions=[[1, 0, 2], [0, 2, 1]], references=[1, 1], k=[1, 2, 3]),
+                      {"top1": 0.5, "top2": 0.5, "top3": 1.0}),
+    "pointing_game": (dict(predictions=[[5, 5], [12, 5]], references=[[0, 0, 10, 20], [0, 0, 10, 20]]),
+                      {"pointing_accuracy": 0.5}),
+}
+
+
 @pytest.mark.parametrize("name", METRIC_NAMES)
-def test_metric_loads_offline_by_path(name):
+def test_metric_loads_offline_by_path_and_scores_a_hand_case(name):
     # conftest sets HF_HUB_OFFLINE=1: a Hub download would raise here.
-    metric = load_metric(name)
     assert metric_path(name).joinpath(f"{name}.py").is_file()
-    assert metric.name  # an evaluate.Metric, built from the local script
+    kwargs, expected = HAND_CASES[name]
+    assert load_metric(name).compute(**kwargs) == expected
+    with pytest.raises(ValueError, match="unknown metric"):
+        metric_path("accuracy")
 
 
 def test_recall_at_k_hand_computed():
