@@ -33,11 +33,13 @@ def make_loader(train_argv: list[str], backend: str):
     from oner.training.args import parse_args
     from oner.training.data import make_dataloader, open_train_data
     from oner.training.runtime import configure_threads
+    from oner.objectives import ObjectiveConfig
     from oner.training.setup import build_model
 
     args = parse_args([*train_argv, "--augment_backend", backend])
     configure_threads(args.num_threads)
-    _, _, processor, config = build_model(args, ObjectiveConfig.from_flags(args))
+    built = build_model(args, ObjectiveConfig.from_flags(args), attn_implementation=None)
+    processor, config = built.processor, built.config
     dataset = open_train_data(args, seed=args.seed, image_size=config.image_size)
     loader = make_dataloader(dataset, processor, args.per_device_batch_size, seed=args.seed,
                              num_workers=args.dataloader_num_workers)

@@ -98,18 +98,19 @@ def bare_step(train_argv: list[str], repeats: int, calls: int, profile_steps: in
     from oner.objectives import Objective, ObjectiveConfig
     from oner.training.args import parse_args
     from oner.training.loop import optimisation_step
-    from oner.training.setup import build_model, make_accelerator, make_optimizer, make_scheduler
+    from oner.training.setup import Compute, build_model, make_accelerator, make_optimizer, make_scheduler
     from oner.training.checkpointing import TrainState
     from oner.training.data import make_dataloader, open_train_data
-    from oner.training.runtime import configure_threads, keep_freed_memory
+    from oner.training.runtime import keep_freed_memory
 
     args = parse_args(train_argv)
-    threads, _ = configure_threads(args.num_threads)
+    compute = Compute.choose(args)
     keep_freed_memory()  # as train.py's setup does on a CPU
     reset_accelerate()
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(args, compute)
     objective = Objective(ObjectiveConfig.from_flags(args))
-    pretrainer, model, processor, config = build_model(args, objective.config)
+    built = build_model(args, objective.config, compute.attn_implementation)
+    pretrainer, processor, config = built.pretrainer, built.processor, built.config
     dataset = open_train_data(args, seed=args.seed, image_size=config.image_size)
     loader = make_dataloader(dataset, processor, args.per_device_batch_size, seed=args.seed, num_workers=0)
     batch = dict(next(iter(loader)))
@@ -145,8 +146,8 @@ def bare_step(train_argv: list[str], repeats: int, calls: int, profile_steps: in
         accelerator.backward(loss)
     optimizer.zero_grad(set_to_none=True)
     return {"seconds_per_step": median(times), "all_seconds": times, "flops_per_step": int(counter.get_total_flops()),
-            "batch_size": args.per_device_batch_size, "mixed_precision": args.mixed_precision,
-            "attn_implementation": args.attn_implementation, "threads": threads, "profile": profile,
+            "batch_size": args.per_device_batch_size, "mixed_precision": compute.mixed_precision,
+            "attn_implementation": compute.attn_implementation, "threads": compute.threads, "profile": profile,
             "page_faults_per_step": faults_per_step, "system_ms_per_step": system_ms_per_step}
 
 

@@ -710,7 +710,7 @@ def test_the_objectives_scoring_settings_are_the_models_before_training(tiny_mod
     flags = ["--objective", "itc", "--pairwise_loss", "sigmoid", "--temperature", "0.2"]
     flags += ["--config_overrides", OVERRIDES] if source == "fresh" else ["--model_name_or_path", str(tiny_model_dir)]
     args = parse_args(flags)
-    _, model, _, _ = build_model(args, ObjectiveConfig.from_flags(args))
+    model = build_model(args, ObjectiveConfig.from_flags(args), attn_implementation=None).model
     assert model.config.logit_bias_init == -10.0 and model.logit_bias.item() == -10.0
     assert model.config.logit_scale_init_value == pytest.approx(math.log(5.0))
     assert model.logit_scale.exp().item() == pytest.approx(5.0, rel=1e-6) and not model.logit_scale.requires_grad

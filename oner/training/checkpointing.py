@@ -44,6 +44,25 @@ class TrainState:
             setattr(self, key, value)
 
 
+# Settings that must match between a checkpoint and the run resuming it: a checkpoint records them
+# (`settings_to_match`, saved under "args" in train_state.json) and a resume compares them.
+RESUME_MUST_MATCH = ("preset", "config_overrides", "architecture", "objective", "per_device_batch_size", "accum_freq",
+                     "pairwise_loss", "xmc_form", "cmc_context", "cmc_fraction", "temperature",
+                     "cmc_target", "joint_negatives", "joint_margin", "quad_pooling",
+                     "model_name_or_path", "revision")
+
+
+def settings_to_match(args, preset: str) -> dict:
+    """This run's `RESUME_MUST_MATCH` settings; `preset` is the model's (a loaded model's is the one its
+    sizes match, not the flag's default)."""
+    return {k: preset if k == "preset" else getattr(args, k) for k in RESUME_MUST_MATCH}
+
+
+def settings_differences(saved: dict, now: dict) -> list[str]:
+    """`"name: checkpoint X, now Y"` for each setting a checkpoint recorded that this run changes."""
+    return [f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in RESUME_MUST_MATCH if k in saved and saved[k] != now[k]]
+
+
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 

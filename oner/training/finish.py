@@ -12,10 +12,8 @@ from pathlib import Path
 from modeling_oner import OneRModel
 from oner.baseline import CLIPAsOneR, save_clip_folder
 from oner.hub import publish
-from oner.objectives import ObjectiveConfig
 from oner.model_folder import SUMMARY_FILE, complete_folder, save_model_folder
 
-from .data import StreamingPairs
 from .tracking import PLOT_NAME, plot_loss_curve
 
 
@@ -26,39 +24,40 @@ def save_trained_folder(model: OneRModel | CLIPAsOneR, processor, output_dir: Pa
     return save_model_folder(model, processor, output_dir)
 
 
-def training_summary(args, model, state, dataset, records: list[dict], global_batch: int, data_stats: dict) -> dict:
+def training_summary(run, model, records: list[dict], data_stats: dict) -> dict:
     """What ran, for `training_summary.json` and the model card (unset entries left out)."""
-    streamed = isinstance(dataset, StreamingPairs)
-    weights = ObjectiveConfig.from_flags(args).weights
+    args, state, objective = run.args, run.state, run.objective.config
+    streamed = run.data.streamed
+    terms = objective.weights
     summary = {
         "architecture": args.architecture,
-        "preset": args.preset,
+        "preset": run.source.preset,
         # --model_name_or_path: what this run continued from; a Hub id is also the card's base_model.
-        "continued_from": getattr(args, "source_model", None),
-        "base_model": None if getattr(args, "source_is_local", True) else args.model_name_or_path,
+        "continued_from": run.source.continued_from,
+        "base_model": run.source.base_model,
         "objective": args.objective,
-        "xmc_form": args.xmc_form if "xmc" in weights else None,
-        "cmc_context": args.cmc_context if "cmc" in weights else None,
-        "cmc_fraction": args.cmc_fraction if "cmc" in weights else None,
-        "cmc_target": args.cmc_target if "cmc" in weights else None,
-        "joint_negatives": args.joint_negatives if "cmc" in weights else None,
-        "joint_margin": args.joint_margin if "cmc" in weights else None,
-        "quad_pooling": args.quad_pooling if "quad" in weights else None,
-        "temperature": args.temperature,
+        "xmc_form": objective.xmc_form if "xmc" in terms else None,
+        "cmc_context": objective.cmc_context if "cmc" in terms else None,
+        "cmc_fraction": objective.cmc_fraction if "cmc" in terms else None,
+        "cmc_target": objective.cmc_target if "cmc" in terms else None,
+        "joint_negatives": objective.joint_negatives if "cmc" in terms else None,
+        "joint_margin": objective.joint_margin if "cmc" in terms else None,
+        "quad_pooling": objective.quad_pooling if "quad" in terms else None,
+        "temperature": objective.temperature,
         "pooling": getattr(model.config, "pooling", None),
-        "pairwise_loss": args.pairwise_loss,
+        "pairwise_loss": objective.pairwise,
         "train_data": args.train_data,
-        "pairs": None if streamed else len(dataset),
+        "pairs": None if streamed else len(run.data.dataset),
         "streamed": streamed or None,
         "steps": state.step,
         "skipped_steps": state.skipped_steps,
         "train_minutes": round(state.train_seconds / 60, 2),
-        "global_batch_size": global_batch,
+        "global_batch_size": run.global_batch,
         "per_device_batch_size": args.per_device_batch_size,
         "accum_freq": args.accum_freq,
         "learning_rate": args.learning_rate,
-        "mixed_precision": args.mixed_precision,
-        "attn_implementation": args.attn_implementation,
+        "mixed_precision": run.compute.mixed_precision,
+        "attn_implementation": run.compute.attn_implementation,
         "seed": args.seed,
         "final_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None),  # not an evaluation's line
         "data_stats": data_stats,
@@ -66,16 +65,17 @@ def training_summary(args, model, state, dataset, records: list[dict], global_ba
     return {k: v for k, v in summary.items() if v is not None}
 
 
-def finish_run(model, processor, args, state, dataset, log, global_batch: int, data_stats: dict) -> int:
-    """Main process only, after training: save, summarise, evaluate, write the card, push."""
-    output_dir = Path(args.output_dir)
-    save_trained_folder(model.float().eval(), processor, output_dir)
-    records = log.read()
-    plot = plot_loss_curve(records, output_dir / PLOT_NAME, f"{args.architecture} {args.preset}: {args.objective}")
-    training = training_summary(args, model, state, dataset, records, global_batch, data_stats)
+def finish_run(run, model, data_stats: dict) -> int:
+    """Main process only, after training: save `model` (the trained weights, gathered), summarise,
+    evaluate, write the card, push."""
+    args, output_dir = run.args, run.output_dir
+    save_trained_folder(model.float().eval(), run.processor, output_dir)
+    records = run.log.read()
+    plot = plot_loss_curve(records, output_dir / PLOT_NAME, f"{args.architecture} {run.source.preset}: {args.objective}")
+    training = training_summary(run, model, records, data_stats)
     (output_dir / SUMMARY_FILE).write_text(json.dumps(training, indent=2) + "\n")
-    print(dataset.stats.summary(data_stats))
-    print(f"trained {state.step} steps in {training['train_minutes']} min; final loss {training.get('final_loss')}")
+    print(run.data.dataset.stats.summary(data_stats))
+    print(f"trained {run.state.step} steps in {training['train_minutes']} min; final loss {training.get('final_loss')}")
     if plot:
         print(f"loss curve: {plot}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import broadcast, send_to_device
@@ -19,11 +20,11 @@ from oner.losses import clamp_logit_scale_
 from oner.progress import progress, quiet_library_bars
 
 from .args import parse_args
-from .checkpointing import save_checkpoint
+from .checkpointing import save_checkpoint, settings_to_match
 from .eval_during_training import evaluate_during_training, evaluates_at_step
 from .finish import finish_run
 from .mlm import whole_word_mask
-from .setup import RESUME_MUST_MATCH, Run, UserError, setup
+from .setup import Run, UserError, setup
 from .sharding import build_model_for_saving, engine, gathered_model_state_dict, parameter_value, weights_are_finite
 from .step import forward_backward
 from .tracking import format_eta
@@ -53,9 +54,9 @@ def train(args) -> int:
             f"holds the last finite weights.", file=sys.stderr
         )
         return 3
-    if args.checkpointing_steps and state.step % args.checkpointing_steps != 0 and state.step != run.start_step:
+    if args.checkpointing_steps and state.step % args.checkpointing_steps != 0 and state.step != run.resume.start_step:
         checkpoint(run, epoch)
-    data_stats = run.data_counts.totals(accelerator)
+    data_stats = run.data.counts.totals(accelerator)
     # Every process takes part in gathering the weights (FSDP shards them); the main process writes.
     weights = gathered_model_state_dict(accelerator, run.pretrainer)
     accelerator.wait_for_everyone()
@@ -63,123 +64,152 @@ def train(args) -> int:
     if not accelerator.is_main_process:
         return 0
     final_model = build_model_for_saving(run.model_class, run.model.config, weights)
-    return finish_run(final_model, run.processor, args, state, run.dataset, run.log, run.global_batch, data_stats)
+    return finish_run(run, final_model, data_stats)
+
+
+@dataclass
+class Progress:
+    """The loop's clocks and running counts for this launch (a resumed run's totals are in `TrainState`)."""
+
+    bar: object
+    budget: float  # seconds of --max_train_minutes, or infinity
+    start: float  # monotonic time this launch's training started (moved on by evaluations: off the clock)
+    start_seconds: float  # the run's training seconds before this launch
+    start_step: int
+    data_timing: dict = field(default_factory=lambda: {"seconds": 0.0, "pairs": 0})
+    first_step_done: float | None = None  # seconds at the end of the first step, which pays one-off costs
+    eta_announced: bool = False
 
 
 def train_steps(run: Run) -> tuple[str, int]:
     """Train until the step count, the time budget, the epochs (streams) or the NaN guard stops it;
     returns why ("steps", "time", "epochs" or "nonfinite") and the epoch it stopped in."""
-    args, accelerator, state, dataset, dataloader = run.args, run.accelerator, run.state, run.dataset, run.dataloader
-    streamed, pretrainer, resume = run.streamed, run.pretrainer, run.resume
+    args, accelerator, state, data = run.args, run.accelerator, run.state, run.data
     budget = args.max_train_minutes * 60 if args.max_train_minutes else float("inf")
     bar = progress(total=state.total_steps or None, initial=state.step, disable=not accelerator.is_main_process,
                    desc="training", unit="steps", every_item=False, dynamic_ncols=True)
-    start, start_seconds, start_step = time.monotonic(), state.train_seconds, state.step
-    data_timing = {"seconds": 0.0, "pairs": 0}
-    if streamed:  # the stream's own state holds its position; the epoch is in the checkpoint
-        epoch, skip = run.resume_epoch, 0
+    clock = Progress(bar, budget, time.monotonic(), state.train_seconds, state.step)
+    if data.streamed:  # the stream's own state holds its position; the epoch is in the checkpoint
+        epoch, skip = run.resume.epoch, 0
     else:
-        epoch, skip = divmod(state.batches_seen, run.batches_per_epoch)
-    mid_epoch = resume is not None and (streamed or skip > 0)
-    pending: list[dict] = []
-    epochs_done = bool(streamed and args.num_train_epochs and epoch >= args.num_train_epochs)
-    stop_reason, timer, eta_announced = already_finished(state, budget, epochs_done), None, False
+        epoch, skip = divmod(state.batches_seen, data.batches_per_epoch)
+    mid_epoch = run.resume.checkpoint is not None and (data.streamed or skip > 0)
+    epochs_done = bool(data.streamed and args.num_train_epochs and epoch >= args.num_train_epochs)
+    stop_reason = already_finished(state, budget, epochs_done)
     if stop_reason:  # a relaunch of a finished run: its last checkpoint holds the final state
         limit = {"steps": f"all {state.total_steps} steps", "time": "the time budget", "epochs": "all epochs"}[stop_reason]
         accelerator.print(f"training is complete at step {state.step} ({limit} done): nothing left to train; "
                           "the model folder is written (and evaluated) again from the last checkpoint")
-    pretrainer.train()
+    run.pretrainer.train()
     while stop_reason is None:
-        dataset.set_epoch(epoch)
-        if streamed:
-            loader = batches_while_all_have_one(dataloader, accelerator)
-        else:
-            loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-            loader.set_epoch(epoch)
-        epoch_batches = 0
-        # Resuming mid-epoch: the data loader's new iterator draws its worker seed from the global RNG
-        # that load_state just restored; the uninterrupted run drew it at the epoch's start, before
-        # the checkpoint. `keep_rng` undoes the extra draw so the objectives' randomness (CMC mosaic
-        # quadrants, MLM masks) continues exactly as without the interruption.
-        for batch in timed(loader, data_timing, args.per_device_batch_size, keep_rng=mid_epoch):
-            state.batches_seen += 1
-            epoch_batches += 1
-            if batch is None:  # every sample of the micro-batch was damaged
-                continue
-            batch = dict(batch) if not streamed else send_to_device(dict(batch), accelerator.device)
-            run.data_counts.consume(batch)
-            if run.subwords is not None:
-                batch["mlm_input_ids"], batch["mlm_labels"] = whole_word_mask(
-                    batch["input_ids"], batch["attention_mask"], run.subwords, run.config.mask_token_id,
-                    args.mlm_probability,
-                )
-            pending.append(batch)
-            if len(pending) < args.accum_freq:
-                continue
-            loss, parts, grad_norm, finite = optimisation_step(
-                pretrainer, run.objective, pending, accelerator, run.optimizer, run.scheduler, run.ema, args
-            )
-            pending = []
-            if not finite:
-                state.skipped_steps += 1
-                state.nonfinite_in_a_row += 1
-                if engine(accelerator) == "deepspeed":
-                    # DeepSpeed's engine stepped inside accelerator.backward: nothing left to skip.
-                    accelerator.print(f"step {state.step + 1}: non-finite loss or gradient, and DeepSpeed has "
-                                      "already applied the update: stopping")
-                    stop_reason = "nonfinite"
-                    break
-                accelerator.print(f"step {state.step + 1}: non-finite loss or gradient, step skipped "
-                                  f"({state.nonfinite_in_a_row} in a row)")
-                if state.nonfinite_in_a_row >= args.max_nonfinite_steps:
-                    stop_reason = "nonfinite"
-                    break
-                continue
-            state.nonfinite_in_a_row = 0
-            state.step += 1
-            if run.ema is not None:
-                run.ema.update(accelerator.unwrap_model(pretrainer).model, state.step)
-            elapsed = synced_elapsed(accelerator, start)
-            state.train_seconds = start_seconds + elapsed
-
-            if state.step == start_step + 1:
-                timer = elapsed  # the first step pays one-off costs: time from its end
-
-            bar.update(1)
-            if state.step % args.logging_steps == 0 or state.step == state.total_steps:
-                record = log_step(run, loss, parts, grad_norm, elapsed, start_step, timer, data_timing, budget)
-                bar.set_postfix_str(f"loss {record['loss']:.3f}, {record['pairs_per_s']:.0f} pairs/s, "
-                                    f"ETA {format_eta(record['eta_s'])}")  # outside a terminal: one line
-                if state.total_steps and not eta_announced and state.step - start_step > 20:
-                    eta_announced = True  # once, when the speed is known: a fixed step count's time differs per CPU
-                    accelerator.print(f"estimated: {state.total_steps} steps take about "
-                                      f"{format_eta(state.train_seconds + record['eta_s'])} on this machine "
-                                      f"({record['pairs_per_s']:.0f} pairs/s), {format_eta(record['eta_s'])} from now")
-
-            if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
-                checkpoint(run, epoch)
-            if evaluates_at_step(args, state.step):
-                start += evaluate_during_training(run, state.step)  # off the training clock
-            if state.total_steps and state.step >= state.total_steps:
-                stop_reason = "steps"
-                break
-            if state.train_seconds >= budget:
-                stop_reason = "time"
-                break
-        else:
-            run.data_counts.epoch_ended()
-            # A stream resumed from a checkpoint at the very end of its epoch has nothing left of it.
-            if streamed and epoch_batches == 0 and not mid_epoch:
-                raise UserError(f"{args.train_data}: an epoch of the stream gave process {accelerator.process_index} "
-                                f"no full batch of {args.per_device_batch_size} pairs ({dataset.stats.summary()})")
-            # (an epoch that a resume found empty ended in the run that wrote the checkpoint, which evaluated it)
-            if args.eval_strategy == "epoch" and epoch_batches:
-                start += evaluate_during_training(run, state.step)
-            epoch, skip, mid_epoch = epoch + 1, 0, False
-            if streamed and args.num_train_epochs and epoch >= args.num_train_epochs:
-                stop_reason = "epochs"
+        stop_reason, epoch_batches = train_epoch(run, clock, epoch, skip, mid_epoch)
+        if stop_reason is not None:
+            break
+        run.data.counts.epoch_ended()
+        # A stream resumed from a checkpoint at the very end of its epoch has nothing left of it.
+        if data.streamed and epoch_batches == 0 and not mid_epoch:
+            raise UserError(f"{args.train_data}: an epoch of the stream gave process {accelerator.process_index} "
+                            f"no full batch of {args.per_device_batch_size} pairs ({data.dataset.stats.summary()})")
+        # (an epoch that a resume found empty ended in the run that wrote the checkpoint, which evaluated it)
+        if args.eval_strategy == "epoch" and epoch_batches:
+            clock.start += evaluate_during_training(run, state.step)
+        epoch, skip, mid_epoch = epoch + 1, 0, False
+        if data.streamed and args.num_train_epochs and epoch >= args.num_train_epochs:
+            stop_reason = "epochs"
     bar.close()
     return stop_reason, epoch
+
+
+def train_epoch(run: Run, clock: Progress, epoch: int, skip: int, mid_epoch: bool) -> tuple[str | None, int]:
+    """The steps of one epoch (from its `skip`-th batch): why training stopped in it (None: the epoch
+    ended) and how many batches it read."""
+    args, accelerator, state, data = run.args, run.accelerator, run.state, run.data
+    data.dataset.set_epoch(epoch)
+    if data.streamed:
+        loader = batches_while_all_have_one(data.loader, accelerator)
+    else:
+        loader = accelerator.skip_first_batches(data.loader, skip) if skip else data.loader
+        loader.set_epoch(epoch)
+    epoch_batches, pending = 0, []
+    # Resuming mid-epoch: the data loader's new iterator draws its worker seed from the global RNG
+    # that load_state just restored; the uninterrupted run drew it at the epoch's start, before
+    # the checkpoint. `keep_rng` undoes the extra draw so the objectives' randomness (CMC mosaic
+    # quadrants, MLM masks) continues exactly as without the interruption.
+    for batch in timed(loader, clock.data_timing, args.per_device_batch_size, keep_rng=mid_epoch):
+        state.batches_seen += 1
+        epoch_batches += 1
+        if batch is None:  # every sample of the micro-batch was damaged
+            continue
+        batch = dict(batch) if not data.streamed else send_to_device(dict(batch), accelerator.device)
+        data.counts.consume(batch)
+        if run.subwords is not None:
+            batch["mlm_input_ids"], batch["mlm_labels"] = whole_word_mask(
+                batch["input_ids"], batch["attention_mask"], run.subwords, run.config.mask_token_id,
+                run.objective.config.mlm_probability,
+            )
+        pending.append(batch)
+        if len(pending) < args.accum_freq:
+            continue
+        loss, parts, grad_norm, finite = optimisation_step(
+            run.pretrainer, run.objective, pending, accelerator, run.optimizer, run.scheduler, run.ema, args
+        )
+        pending = []
+        if not finite:
+            if nonfinite_step_stops(run):
+                return "nonfinite", epoch_batches
+            continue
+        stop_reason = after_step(run, clock, epoch, loss, parts, grad_norm)
+        if stop_reason:
+            return stop_reason, epoch_batches
+    return None, epoch_batches
+
+
+def nonfinite_step_stops(run: Run) -> bool:
+    """Count a skipped step with a NaN/inf loss or gradient; True when the run must stop."""
+    accelerator, state = run.accelerator, run.state
+    state.skipped_steps += 1
+    state.nonfinite_in_a_row += 1
+    if engine(accelerator) == "deepspeed":
+        # DeepSpeed's engine stepped inside accelerator.backward: nothing left to skip.
+        accelerator.print(f"step {state.step + 1}: non-finite loss or gradient, and DeepSpeed has "
+                          "already applied the update: stopping")
+        return True
+    accelerator.print(f"step {state.step + 1}: non-finite loss or gradient, step skipped "
+                      f"({state.nonfinite_in_a_row} in a row)")
+    return state.nonfinite_in_a_row >= run.args.max_nonfinite_steps
+
+
+def after_step(run: Run, clock: Progress, epoch: int, loss, parts, grad_norm) -> str | None:
+    """After an applied update: the EMA target, the clock, logging, checkpoint and evaluation when due;
+    "steps" or "time" when the run is done."""
+    args, accelerator, state = run.args, run.accelerator, run.state
+    state.nonfinite_in_a_row = 0
+    state.step += 1
+    if run.ema is not None:
+        run.ema.update(accelerator.unwrap_model(run.pretrainer).model, state.step)
+    elapsed = synced_elapsed(accelerator, clock.start)
+    state.train_seconds = clock.start_seconds + elapsed
+    if state.step == clock.start_step + 1:
+        clock.first_step_done = elapsed  # the first step pays one-off costs: time from its end
+    clock.bar.update(1)
+    if state.step % args.logging_steps == 0 or state.step == state.total_steps:
+        record = log_step(run, loss, parts, grad_norm, elapsed, clock)
+        clock.bar.set_postfix_str(f"loss {record['loss']:.3f}, {record['pairs_per_s']:.0f} pairs/s, "
+                                  f"ETA {format_eta(record['eta_s'])}")  # outside a terminal: one line
+        if state.total_steps and not clock.eta_announced and state.step - clock.start_step > 20:
+            clock.eta_announced = True  # once, when the speed is known: a fixed step count's time differs per CPU
+            accelerator.print(f"estimated: {state.total_steps} steps take about "
+                              f"{format_eta(state.train_seconds + record['eta_s'])} on this machine "
+                              f"({record['pairs_per_s']:.0f} pairs/s), {format_eta(record['eta_s'])} from now")
+    if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
+        checkpoint(run, epoch)
+    if evaluates_at_step(args, state.step):
+        clock.start += evaluate_during_training(run, state.step)  # off the training clock
+    if state.total_steps and state.step >= state.total_steps:
+        return "steps"
+    if state.train_seconds >= clock.budget:
+        return "time"
+    return None
 
 
 def already_finished(state, budget: float, epochs_done: bool) -> str | None:
@@ -279,15 +309,16 @@ def optimisation_step(pretrainer, objective, micro_batches, accelerator, optimiz
     return loss, parts, grad_norm, finite
 
 
-def log_step(run: Run, loss, parts, grad_norm, elapsed, start_step, timer, data_timing, budget) -> dict:
+def log_step(run: Run, loss, parts, grad_norm, elapsed: float, clock: Progress) -> dict:
     """One line of the training log (and the trackers): losses reduced over processes, speed, ETA."""
     accelerator, state, global_batch = run.accelerator, run.state, run.global_batch
+    timer, data_timing, budget = clock.first_step_done, clock.data_timing, clock.budget
     loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
     record = {"step": state.step, "loss": loss_value}
     for name, value in parts.items():
         key = name if "/" in name else f"loss/{name}"  # modality-gap statistics come as "gap/..."
         record[key] = accelerator.reduce(value.detach().float(), reduction="mean").item()
-    timed_steps = state.step - start_step - 1
+    timed_steps = state.step - clock.start_step - 1
     per_step = (elapsed - timer) / timed_steps if timer is not None and timed_steps > 0 else elapsed
     remaining = max(state.total_steps - state.step, 0) if state.total_steps else 0
     record.update(
@@ -318,10 +349,10 @@ def checkpoint(run: Run, epoch: int) -> None:
         # Never reached (non-finite steps are skipped), but a NaN must never be checkpointed.
         raise RuntimeError("refusing to checkpoint non-finite weights")
     extra = {"epoch": epoch, "batches_seen": state.batches_seen, "num_processes": accelerator.num_processes,
-             "data_stats": run.data_counts.totals(accelerator),  # a collective too
-             "args": {k: getattr(args, k) for k in RESUME_MUST_MATCH}}
+             "data_stats": run.data.counts.totals(accelerator),  # a collective too
+             "args": settings_to_match(args, run.source.preset)}
     path = save_checkpoint(accelerator, args.output_dir, state.step, extra, args.checkpoints_total_limit,
-                           process_state=run.dataloader.state_dict() if run.streamed else None)
+                           process_state=run.data.loader.state_dict() if run.data.streamed else None)
     accelerator.print(f"checkpoint saved: {path}")
 
 

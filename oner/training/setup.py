@@ -10,6 +10,7 @@ import json
 import math
 import shutil
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,15 @@ from oner.baseline import build_clip
 from oner.objectives import Objective, ObjectiveConfig
 from processing_oner import build_processor
 
-from .checkpointing import TrainState, check_checkpoint, list_checkpoints, load_process_state, resolve_resume
+from .checkpointing import (
+    TrainState,
+    check_checkpoint,
+    list_checkpoints,
+    load_process_state,
+    resolve_resume,
+    settings_differences,
+    settings_to_match,
+)
 from .data import StreamingPairs, TrainedDataCounts, make_dataloader, make_stream_loader, open_train_data
 from .eval_during_training import prepare_evaluation
 from oner.model_folder import SUMMARY_FILE
@@ -46,22 +55,34 @@ from .sharding import (
 )
 from .tracking import TrainingLog
 
-# Settings that must match between a checkpoint and the run resuming it.
-RESUME_MUST_MATCH = ("preset", "config_overrides", "architecture", "objective", "per_device_batch_size", "accum_freq",
-                     "pairwise_loss", "xmc_form", "cmc_context", "cmc_fraction", "temperature",
-                     "cmc_target", "joint_negatives", "joint_margin", "quad_pooling",
-                     "model_name_or_path", "revision")
-
 
 class UserError(Exception):
     """Bad input (data, resume folder, flags): reported as one line, exit status 1, nothing written."""
 
 
-def make_accelerator(args) -> Accelerator:
-    """The run's Accelerator; `args.mixed_precision` is resolved here (see `oner.training.runtime`)."""
-    device_type = _device_type()
-    args.mixed_precision, args.mixed_precision_reason = choose_mixed_precision(args.mixed_precision, device_type)
-    args.attn_implementation, args.attn_reason = choose_attn_implementation(args.attn_implementation, device_type)
+@dataclass(frozen=True)
+class Compute:
+    """How this run computes, chosen for the machine (see `oner.training.runtime`); the `compute:` line
+    says it and `training_summary.json` records the precision and attention."""
+
+    threads: int
+    threads_reason: str
+    mixed_precision: str
+    mixed_precision_reason: str
+    attn_implementation: str
+    attn_reason: str
+
+    @classmethod
+    def choose(cls, args) -> "Compute":
+        """Threads (set now, before torch works), precision and attention from the flags and the machine."""
+        device_type = _device_type()
+        threads, threads_reason = configure_threads(args.num_threads)
+        return cls(threads, threads_reason, *choose_mixed_precision(args.mixed_precision, device_type),
+                   *choose_attn_implementation(args.attn_implementation, device_type))
+
+
+def make_accelerator(args, compute: Compute) -> Accelerator:
+    """The run's Accelerator, in the precision `compute` chose."""
     log_with = None
     if args.report_to not in ("none", "", None):
         from accelerate.utils import is_tensorboard_available
@@ -74,7 +95,7 @@ def make_accelerator(args) -> Accelerator:
         # Without an accelerator device, `accelerate launch --multi_gpu` starts N processes that each
         # believe they are alone unless the Accelerator is told to run on the CPU (then: MULTI_CPU, gloo).
         cpu=not has_accelerator_device(),
-        mixed_precision=args.mixed_precision,
+        mixed_precision=compute.mixed_precision,
         log_with=log_with,
         project_dir=args.output_dir,
         # Our scheduler counts optimizer updates, whatever the number of processes.
@@ -89,28 +110,50 @@ def _device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "other"
 
 
-def build_model(args, objective: ObjectiveConfig):
-    """`(pretrainer, model_to_save, processor, config)` for `--architecture oner|clip`.
+@dataclass(frozen=True)
+class ModelSource:
+    """What the model was built from: its preset (the one a loaded model's sizes match, or "custom"),
+    and, for `--model_name_or_path`, the folder or Hub id it continues (`base_model`: a Hub id, for the
+    model card)."""
+
+    preset: str
+    continued_from: str | None = None
+    base_model: str | None = None
+
+
+@dataclass
+class BuiltModel:
+    """`build_model`'s result: the training wrapper, the model it wraps (what is saved), the processor,
+    the OneR config (for a CLIP baseline, the one it was sized from) and where the model came from."""
+
+    pretrainer: torch.nn.Module
+    model: torch.nn.Module
+    processor: object
+    config: OneRConfig
+    source: ModelSource
+
+
+def build_model(args, objective: ObjectiveConfig, attn_implementation: str | None) -> BuiltModel:
+    """The model for `--architecture oner|clip`, in its training wrapper.
 
     A fresh model from `--preset` + `--config_overrides` with the objective's scoring settings in its
     config (`ObjectiveConfig.model_settings`: the sigmoid loss's bias, a fixed temperature), or, with
     `--model_name_or_path`, the saved model and its processor given those settings
-    (`oner.training.pretrained`; `config` is then the loaded model's OneR config, for a CLIP baseline
-    the one it was sized from, and `args.preset` becomes the preset it matches or "custom"). A fixed
-    temperature's logit scale is frozen. Raises UserError for a source that cannot be used.
+    (`oner.training.pretrained`). A fixed temperature's logit scale is frozen. Raises UserError for a
+    source that cannot be used.
     """
-
     if args.model_name_or_path:
-        model, processor, config = load_source_model(args)
+        model, processor, config, source = load_source_model(args, attn_implementation)
         adopt_model_settings(model, objective.model_settings)
     else:
         config = OneRConfig.from_preset(args.preset, **{**args.model_overrides, **objective.model_settings})
         # Training-time only: transformers does not save it, so a loaded model picks its own (sdpa).
-        config._attn_implementation = args.attn_implementation
+        config._attn_implementation = attn_implementation
         if args.architecture == "clip":  # the two-tower baseline, behind the same interface (oner.baseline)
             model, processor = build_clip(config)
         else:
             model, processor = OneRModel(config), build_processor(config)
+        source = ModelSource(preset=args.preset)
     if objective.temperature is not None:
         model.logit_scale.requires_grad_(False)
     pretrainer = OneRPretrainer(model, objective)
@@ -120,7 +163,7 @@ def build_model(args, objective: ObjectiveConfig):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return pretrainer, model, processor, config
+    return BuiltModel(pretrainer, model, processor, config, source)
 
 
 def adopt_model_settings(model, settings: dict[str, float]) -> None:
@@ -136,9 +179,9 @@ def adopt_model_settings(model, settings: dict[str, float]) -> None:
             model.logit_scale.fill_(settings["logit_scale_init_value"])
 
 
-def load_source_model(args):
-    """`(model, processor, config)` of `--model_name_or_path`, after checking the preset and overrides
-    against it (see `oner.training.pretrained` for what is refused and why)."""
+def load_source_model(args, attn_implementation: str | None):
+    """`(model, processor, config, source)` of `--model_name_or_path`, after checking the preset and
+    overrides against it (see `oner.training.pretrained` for what is refused and why)."""
     from .pretrained import SourceError, check_agreement, load_pretrained, preset_name, resolve_source, source_config
 
     try:
@@ -146,15 +189,14 @@ def load_source_model(args):
         config = source_config(source, args.architecture)
         preset = args.preset if "preset" in args.explicit_flags else None
         apply = check_agreement(config, preset, args.model_overrides, args.architecture, source.label)
-        model, processor = load_pretrained(source, args.architecture, args.attn_implementation, apply)
+        model, processor = load_pretrained(source, args.architecture, attn_implementation, apply)
     except SourceError as e:
         raise UserError(str(e)) from None
-    args.preset = preset_name(config, args.architecture)
-    args.source_model = source.label
-    args.source_is_local = source.local
     for key, value in apply.items():
         setattr(config, key, value)
-    return model, processor, config
+    built_from = ModelSource(preset=preset_name(config, args.architecture), continued_from=source.label,
+                             base_model=None if source.local else args.model_name_or_path)
+    return model, processor, config, built_from
 
 
 # Devices with a fused AdamW kernel in torch (torch.optim.adamw; checked again when it steps).
@@ -260,13 +302,12 @@ def choose_resume(args) -> tuple[Path | None, bool]:
     return None, False
 
 
-def check_resume_compatible(args, checkpoint: Path, num_processes: int, detected: bool = False) -> dict:
-    """The checkpoint's `train_state.json`, once its settings are known to match this run's
-    (`detected`: found in --output_dir rather than named, which the refusal says)."""
+def check_resume_compatible(settings: dict, checkpoint: Path, num_processes: int, detected: bool = False) -> dict:
+    """The checkpoint's `train_state.json`, once its settings are known to match this run's `settings`
+    (`checkpointing.settings_to_match`; `detected`: found in --output_dir rather than named, which the
+    refusal says)."""
     state = check_checkpoint(checkpoint)
-    saved = state.get("args", {})
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(args, k)!r}" for k in RESUME_MUST_MATCH
-             if k in saved and saved[k] != getattr(args, k)]
+    diffs = settings_differences(state.get("args", {}), settings)
     if state.get("process_states") and state.get("num_processes") != num_processes:
         # Each process's part of a stream is its own: a different process count would read other shards.
         diffs.append(f"processes reading the stream: checkpoint {state.get('num_processes')}, now {num_processes}")
@@ -282,150 +323,200 @@ def check_resume_compatible(args, checkpoint: Path, num_processes: int, detected
 
 
 @dataclass
+class TrainData:
+    """The training pairs and their loader: prepared by accelerate for map-style data, a torchdata
+    `StatefulDataLoader` for a stream (`streamed`, whose length is unknown: `batches_per_epoch` None)."""
+
+    dataset: torch.utils.data.Dataset
+    loader: object
+    streamed: bool
+    batches_per_epoch: int | None
+    counts: TrainedDataCounts  # samples read and skipped, over the whole run (a resume included)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where this launch starts: a checkpoint (None: from scratch), whether it was found in
+    --output_dir rather than named, and its epoch and step."""
+
+    checkpoint: Path | None = None
+    detected: bool = False
+    epoch: int = 0  # the epoch the checkpoint was taken in (a stream's position is its own)
+    start_step: int = 0
+
+
+@dataclass
 class Run:
-    """Everything the loop needs, built by `setup`. `model` is the unwrapped model (OneR or the CLIP
-    adapter); `pretrainer` its accelerate-prepared training wrapper; `dataloader` is prepared by
-    accelerate for map-style data and is a torchdata `StatefulDataLoader` for a stream (`streamed`)."""
+    """Everything the loop needs, built by `setup`: the flags and what setup resolved from them
+    (`compute`, `source`), the model (`model` unwrapped, OneR or the CLIP adapter; `pretrainer` its
+    accelerate-prepared training wrapper), the objective, the data, the optimisation and the position."""
 
     args: object
     accelerator: Accelerator
+    compute: Compute
+    source: ModelSource
     pretrainer: torch.nn.Module
     model: torch.nn.Module
+    model_class: type  # what the final folder is built from (FSDP2 changes the prepared module's class)
     processor: object
     config: OneRConfig
-    dataset: torch.utils.data.Dataset
-    dataloader: object
-    streamed: bool
-    batches_per_epoch: int | None
     objective: Objective
+    subwords: torch.Tensor | None  # the MLM term's whole-word table; None without it
+    ema: EMATarget | None
+    data: TrainData
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     state: TrainState
-    ema: EMATarget | None
-    subwords: torch.Tensor | None  # the MLM term's whole-word table; None without it
-    resume: Path | None
+    resume: Resume
     log: TrainingLog
-    output_dir: Path
-    model_class: type  # what the final folder is built from (FSDP2 changes the prepared module's class)
-    resume_epoch: int  # the epoch a resumed checkpoint was taken in (a stream's position is its own)
-    global_batch: int
-    start_step: int  # the step this launch starts at (a resumed checkpoint's)
-    data_counts: TrainedDataCounts
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+    @property
+    def global_batch(self) -> int:
+        return self.args.per_device_batch_size * self.args.accum_freq * self.accelerator.num_processes
 
 
 def setup(args) -> Run:
     """Build the run for `args`; raises `UserError` for bad input before anything is written."""
-    threads, threads_reason = configure_threads(args.num_threads)
-    accelerator = make_accelerator(args)
+    compute = Compute.choose(args)
+    accelerator = make_accelerator(args, compute)
     set_seed(args.seed)
     memory = keep_freed_memory() if accelerator.device.type == "cpu" else None
 
     # ---- validate every input BEFORE anything is written
     objective = Objective(ObjectiveConfig.from_flags(args))
-    pretrainer, model, processor, config = build_model(args, objective.config)
-    try:
-        dataset = open_train_data(args, seed=args.seed, image_size=config.image_size,
-                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(str(e)) from None
-    resume, detected = choose_resume(args)
-    resumed_state = (check_resume_compatible(args, resume, accelerator.num_processes, detected)
-                     if resume is not None else {})
-    streamed = isinstance(dataset, StreamingPairs)
-    if streamed:
-        if args.num_train_epochs and not args.max_steps:
-            raise UserError("--num_train_epochs on a stream: its length is unknown until it ends, so give "
-                            "--max_steps too (the schedule's length; the epochs still bound the run)")
-        dataloader = make_stream_loader(dataset, processor, args.per_device_batch_size, args.dataloader_num_workers)
-    else:
-        dataloader = make_dataloader(
-            dataset, processor, args.per_device_batch_size, seed=args.seed, num_workers=args.dataloader_num_workers
-        )
-        if len(dataloader) < accelerator.num_processes * args.accum_freq:
-            raise UserError(
-                f"{args.train_data}: {len(dataset)} pairs make fewer than one step of "
-                f"{accelerator.num_processes * args.accum_freq * args.per_device_batch_size} pairs; lower --per_device_batch_size"
-            )
+    built = build_model(args, objective.config, compute.attn_implementation)
+    dataset, loader = open_data(args, built, accelerator)
+    checkpoint, detected = choose_resume(args)
+    resumed_state = (check_resume_compatible(settings_to_match(args, built.source.preset), checkpoint,
+                                             accelerator.num_processes, detected) if checkpoint is not None else {})
     # ---- sharding (FSDP / DeepSpeed, chosen by the accelerate config): see oner/training/sharding.py
     unsupported = check_supported(accelerator, args) or configure_deepspeed_clipping(accelerator, args.max_grad_norm)
     if unsupported:
         raise UserError(f"{engine(accelerator)}: {unsupported}")
-
-    output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if args.overwrite_output_dir and list_checkpoints(output_dir):
-            print(f"--overwrite_output_dir: deleting the checkpoints of an earlier run in {output_dir}")
-            for old in list_checkpoints(output_dir):
-                shutil.rmtree(old)
+        start_output_dir(args)
 
+    model, n_params = built.model, sum(p.numel() for p in built.model.parameters())  # before FSDP shards it
     model_class = type(model)  # before `prepare`: FSDP2 changes the class
-    n_params = sum(p.numel() for p in model.parameters())  # before FSDP leaves each process its shard
     if needs_vector_scalars(accelerator):
-        promote_scalar_parameters(pretrainer)  # FSDP and DeepSpeed fail on 0-dim parameters (logit scale/bias)
+        promote_scalar_parameters(built.pretrainer)  # FSDP and DeepSpeed fail on 0-dim parameters (logit scale/bias)
     state = TrainState()
-    optimizer = make_optimizer(pretrainer, args)
+    optimizer = make_optimizer(built.pretrainer, args)
     scheduler = make_scheduler(optimizer, args, state)
+    streamed = isinstance(dataset, StreamingPairs)
     if streamed:  # already split between processes (split_dataset_by_node): accelerate must not shard it again
-        pretrainer, optimizer, scheduler = accelerator.prepare(pretrainer, optimizer, scheduler)
-        batches_per_epoch = None
+        pretrainer, optimizer, scheduler = accelerator.prepare(built.pretrainer, optimizer, scheduler)
     else:
-        pretrainer, optimizer, dataloader, scheduler = accelerator.prepare(pretrainer, optimizer, dataloader, scheduler)
-        batches_per_epoch = len(dataloader)
+        pretrainer, optimizer, loader, scheduler = accelerator.prepare(built.pretrainer, optimizer, loader, scheduler)
+    data = TrainData(dataset, loader, streamed, None if streamed else len(loader),
+                     TrainedDataCounts(dataset.stats, resumed_state.get("data_stats")))
     accelerator.register_for_checkpointing(state)
-    state.total_steps = planned_steps(args, batches_per_epoch)
+    state.total_steps = planned_steps(args, data.batches_per_epoch)
     ema = None
     if args.momentum > 0:
         if not state.total_steps:
             raise UserError("--momentum needs a known schedule length: give --max_steps or --num_train_epochs")
         ema = EMATarget(model, args.momentum, state.total_steps).to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
+    if checkpoint is not None:
+        restore(accelerator, data, state, args, checkpoint, detected)
 
-    if resume is not None:
-        try:
-            accelerator.load_state(str(resume))
-        except Exception as e:  # a damaged file: torch/safetensors/pickle errors of many kinds
-            raise UserError(f"cannot resume from {resume}: damaged checkpoint ({type(e).__name__}: {e})") from None
-        if streamed:
-            dataloader.load_state_dict(load_process_state(resume, accelerator.process_index))
-        # The schedule's length is this run's (a resume may extend --max_steps), not the checkpoint's.
-        state.total_steps = planned_steps(args, batches_per_epoch)
-        if detected:  # transformers' example scripts' words
-            accelerator.print(f"Checkpoint detected, resuming training at {resume}. To avoid this behavior, change "
-                              "the --output_dir or add --overwrite_output_dir to train from scratch.")
-        accelerator.print(f"resumed from {resume} at step {state.step} ({state.batches_seen} batches seen)")
-
-    log = TrainingLog(output_dir, state.step if resume is not None else None, enabled=accelerator.is_main_process)
-    run_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
-    accelerator.init_trackers("oner", config={k: v for k, v in run_config.items() if v is not None})
-    if accelerator.is_main_process:
-        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2, default=sorted) + "\n")
-
+    run = Run(args=args, accelerator=accelerator, compute=compute, source=built.source, pretrainer=pretrainer,
+              model=model, model_class=model_class, processor=built.processor, config=built.config, objective=objective,
+              subwords=subword_table(built.processor.tokenizer) if "mlm" in objective.config.weights else None,
+              ema=ema, data=data, optimizer=optimizer, scheduler=scheduler, state=state,
+              resume=Resume(checkpoint, detected, resumed_state.get("epoch", 0), state.step),
+              log=TrainingLog(Path(args.output_dir), state.step if checkpoint is not None else None,
+                              enabled=accelerator.is_main_process))
+    start_tracking(run)
     prepare_evaluation(args, accelerator)
-    global_batch = args.per_device_batch_size * args.accum_freq * accelerator.num_processes
-    if args.model_name_or_path:
-        accelerator.print(f"continuing from {args.source_model}: its weights and processor, a fresh optimizer and schedule")
+    announce(run, n_params, memory)
+    return run
+
+
+def open_data(args, built: BuiltModel, accelerator) -> tuple[torch.utils.data.Dataset, object]:
+    """The training pairs and their (not yet prepared) loader; UserError for data that cannot train."""
+    try:
+        dataset = open_train_data(args, seed=args.seed, image_size=built.config.image_size,
+                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+    if isinstance(dataset, StreamingPairs):
+        if args.num_train_epochs and not args.max_steps:
+            raise UserError("--num_train_epochs on a stream: its length is unknown until it ends, so give "
+                            "--max_steps too (the schedule's length; the epochs still bound the run)")
+        return dataset, make_stream_loader(dataset, built.processor, args.per_device_batch_size,
+                                           args.dataloader_num_workers)
+    loader = make_dataloader(dataset, built.processor, args.per_device_batch_size, seed=args.seed,
+                             num_workers=args.dataloader_num_workers)
+    if len(loader) < accelerator.num_processes * args.accum_freq:
+        raise UserError(
+            f"{args.train_data}: {len(dataset)} pairs make fewer than one step of "
+            f"{accelerator.num_processes * args.accum_freq * args.per_device_batch_size} pairs; lower --per_device_batch_size"
+        )
+    return dataset, loader
+
+
+def start_output_dir(args) -> None:
+    """Main process: the output folder exists; with --overwrite_output_dir an earlier run's checkpoints go."""
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.overwrite_output_dir and list_checkpoints(output_dir):
+        print(f"--overwrite_output_dir: deleting the checkpoints of an earlier run in {output_dir}")
+        for old in list_checkpoints(output_dir):
+            shutil.rmtree(old)
+
+
+def restore(accelerator, data: TrainData, state: TrainState, args, checkpoint: Path, detected: bool) -> None:
+    """Load a checkpoint's state (weights, optimizer, schedule, RNG, a stream's position) into the run."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as e:  # a damaged file: torch/safetensors/pickle errors of many kinds
+        raise UserError(f"cannot resume from {checkpoint}: damaged checkpoint ({type(e).__name__}: {e})") from None
+    if data.streamed:
+        data.loader.load_state_dict(load_process_state(checkpoint, accelerator.process_index))
+    # The schedule's length is this run's (a resume may extend --max_steps), not the checkpoint's.
+    state.total_steps = planned_steps(args, data.batches_per_epoch)
+    if detected:  # transformers' example scripts' words
+        accelerator.print(f"Checkpoint detected, resuming training at {checkpoint}. To avoid this behavior, change "
+                          "the --output_dir or add --overwrite_output_dir to train from scratch.")
+    accelerator.print(f"resumed from {checkpoint} at step {state.step} ({state.batches_seen} batches seen)")
+
+
+def start_tracking(run: Run) -> None:
+    """The trackers' run config and `training_args.json`: the flags, and what setup resolved from them."""
+    args, accelerator = run.args, run.accelerator
+    resolved = {**dataclasses.asdict(run.compute), "preset": run.source.preset,
+                "continued_from": run.source.continued_from}
+    run_config = {k: v for k, v in {**vars(args), **resolved}.items()
+                  if isinstance(v, (int, float, str, bool)) and v is not None}
+    accelerator.init_trackers("oner", config=run_config)
+    if accelerator.is_main_process:
+        record = {**vars(args), "resolved": resolved}
+        (run.output_dir / "training_args.json").write_text(json.dumps(record, indent=2, default=sorted) + "\n")
+
+
+def announce(run: Run, n_params: int, memory: str | None) -> None:
+    """The lines that say what this run is and how it computes (and what it costs on this CPU)."""
+    args, accelerator, compute, source = run.args, run.accelerator, run.compute, run.source
+    if source.continued_from:
+        accelerator.print(f"continuing from {source.continued_from}: its weights and processor, a fresh optimizer "
+                          "and schedule")
     accelerator.print(
-        f"training {args.architecture} ({args.preset}, {n_params / 1e6:.1f}M parameters) on "
-        f"{'a stream of pairs' if streamed else f'{len(dataset)} pairs'} from {args.train_data}; "
-        f"{accelerator.num_processes} process(es), {global_batch} pairs per step, "
+        f"training {args.architecture} ({source.preset}, {n_params / 1e6:.1f}M parameters) on "
+        f"{'a stream of pairs' if run.data.streamed else f'{len(run.data.dataset)} pairs'} from {args.train_data}; "
+        f"{accelerator.num_processes} process(es), {run.global_batch} pairs per step, "
         f"objective {args.objective}; engine {requested_engine(accelerator)}"
     )
-    accelerator.print(f"compute: {accelerator.device}, {threads} torch thread(s) per process ({threads_reason}); "
-                      f"mixed precision {args.mixed_precision} ({args.mixed_precision_reason}); "
-                      f"attention {args.attn_implementation} ({args.attn_reason}); "
-                      f"{args.dataloader_num_workers} data-loader worker(s)" + (f"; {memory}" if memory else ""))
+    accelerator.print(f"compute: {accelerator.device}, {compute.threads} torch thread(s) per process "
+                      f"({compute.threads_reason}); mixed precision {compute.mixed_precision} "
+                      f"({compute.mixed_precision_reason}); attention {compute.attn_implementation} "
+                      f"({compute.attn_reason}); {args.dataloader_num_workers} data-loader worker(s)"
+                      + (f"; {memory}" if memory else ""))
     if accelerator.device.type == "cpu" and accelerator.is_main_process:
-        for warning in cpu_slow_paths(args.mixed_precision, args.attn_implementation, threads):
+        for warning in cpu_slow_paths(compute.mixed_precision, compute.attn_implementation, compute.threads):
             accelerator.print(f"compute: WARNING: {warning}")
-    return Run(
-        args=args, accelerator=accelerator, pretrainer=pretrainer, model=model, processor=processor, config=config,
-        dataset=dataset, dataloader=dataloader, streamed=streamed, batches_per_epoch=batches_per_epoch,
-        objective=objective, optimizer=optimizer, scheduler=scheduler, state=state, ema=ema,
-        subwords=subword_table(processor.tokenizer) if "mlm" in objective.config.weights else None,
-        resume=resume, log=log, output_dir=output_dir, model_class=model_class,
-        resume_epoch=resumed_state.get("epoch", 0),
-        global_batch=global_batch,
-        start_step=state.step,
-        data_counts=TrainedDataCounts(dataset.stats, resumed_state.get("data_stats")),
-    )
