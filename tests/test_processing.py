@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from processing_oner import build_processor, to_rgb_image
+from processing_oner import to_rgb_image
 from processing_oner.tokenizer import VOCAB_FILE, build_tokenizer
 
 

@@ -5,8 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from conftest import TINY
 from oner import progress as progress_module
 from oner.progress import PlainProgress, progress
