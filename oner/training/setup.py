@@ -493,7 +493,7 @@ def start_tracking(run: Run) -> None:
     resolved = {**dataclasses.asdict(run.compute), "preset": run.source.preset,
                 "continued_from": run.source.continued_from}
     run_config = {k: v for k, v in {**vars(args), **resolved}.items()
-                  if isinstance(v, (int, float, str, bool)) and v is not None}
+                  if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers("oner", config=run_config)
     if accelerator.is_main_process:
         record = {**vars(args), "resolved": resolved}

@@ -24,6 +24,9 @@ from oner.objectives import Objective
 
 from .pretrainer import PER_SAMPLE_FEATURES, ROW_INDEX_FEATURES, SCALAR_FEATURES
 
+# What the joined batch is made of; the rest of a micro-batch's output (MLM's logits) is reduced at once.
+_JOINED = (*PER_SAMPLE_FEATURES, *ROW_INDEX_FEATURES, *SCALAR_FEATURES)
+
 
 class RandContext:
     """Captures the CPU (and CUDA) RNG state now; `with ctx:` replays it (GradCache's RandContext)."""
@@ -92,7 +95,7 @@ def _cached_forward_backward(model, objective, micro_batches, accelerator, ema):
             rand_states.append(RandContext(device))
             features = model(**batch)
             sample_sums.append(objective.sample_sums(features))
-            cached.append(features)
+            cached.append({k: v for k, v in features.items() if k in _JOINED})
             targets.append(_targets(ema, batch, accelerator))
     leaves, sizes = _joined_features(cached, [len(b["input_ids"]) for b in micro_batches])
     all_targets = None if ema is None else {k: torch.cat([t[k] for t in targets]) for k in targets[0]}
