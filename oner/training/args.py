@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from accelerate.utils import DynamoBackend
+
 from oner.flags import accept_aliases, dests_by_name
 from oner.objectives import ObjectiveConfig, flag_name
 
@@ -178,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "bf16 where the device computes it natively (GPUs with bf16, CPUs with AVX-512 BF16 or AMX), else fp32")
     g.add_argument("--attn_implementation", default=None, choices=("eager", "sdpa"),
                    help="attention kernel for training. Unset: eager on CPUs (SDPA's CPU backward is slow), sdpa on GPUs")
+    _flag(g, "--torch_compile", False, "compile the training pass with torch.compile, through accelerate. false: "
+          "accelerate's own setting applies (accelerate launch --dynamo_backend ...; off by default)")
+    g.add_argument("--torch_compile_backend", default="inductor",
+                   help="torch.compile backend for --torch_compile (accelerate's dynamo backends: inductor, eager, ...)")
+    _flag(g, "--torch_compile_regional", True, "with --torch_compile: compile one transformer layer and reuse it for "
+          "the others (accelerate's regional compilation; seconds of compiling instead of minutes) [ours]")
     g.add_argument("--num_threads", type=int, default=None,
                    help="torch CPU threads per process. Unset: OMP_NUM_THREADS, except accelerate launch's default 1, "
                    "which becomes the cores per local process")
@@ -298,6 +306,9 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("--momentum makes the mixup targets of XMC/CIC/CMC; --architecture clip trains ITC only")
     if args.mixed_precision == "fp32":
         args.mixed_precision = "no"
+    backends = [b.value.lower() for b in DynamoBackend if b is not DynamoBackend.NO]
+    if args.torch_compile_backend.lower() not in backends:
+        parser.error(f"--torch_compile_backend {args.torch_compile_backend!r}: expected one of {', '.join(backends)}")
     for name in ("per_device_batch_size", "accum_freq", "max_nonfinite_steps", "logging_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")

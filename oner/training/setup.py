@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DynamoBackend, TorchDynamoPlugin, set_seed
 
 from modeling_oner import OneRConfig, OneRModel
 from oner.baseline import build_clip
@@ -101,6 +101,10 @@ def make_accelerator(args, compute: Compute) -> Accelerator:
         # Our scheduler counts optimizer updates, whatever the number of processes.
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        # None: accelerate's own dynamo setting (launch flags, config file, ACCELERATE_DYNAMO_* variables).
+        dynamo_plugin=TorchDynamoPlugin(backend=args.torch_compile_backend,
+                                        use_regional_compilation=args.torch_compile_regional)
+        if args.torch_compile else None,
     )
 
 
@@ -500,6 +504,17 @@ def start_tracking(run: Run) -> None:
         (run.output_dir / "training_args.json").write_text(json.dumps(record, indent=2, default=sorted) + "\n")
 
 
+def compile_note(accelerator: Accelerator, args) -> str:
+    """What the `compute:` line says of torch.compile: nothing when the step runs eagerly."""
+    plugin = accelerator.state.dynamo_plugin
+    if plugin.backend == DynamoBackend.NO:
+        return ""
+    what = ("regional: one transformer layer compiled, reused for the others" if plugin.use_regional_compilation
+            else "the whole training pass: minutes of compiling on a CPU")
+    source = "--torch_compile" if args.torch_compile else "accelerate's dynamo setting"
+    return f"; torch.compile {plugin.backend.value.lower()} ({what}; {source}; the first steps wait for the compiler)"
+
+
 def announce(run: Run, n_params: int, memory: str | None) -> None:
     """The lines that say what this run is and how it computes (and what it costs on this CPU)."""
     args, accelerator, compute, source = run.args, run.accelerator, run.compute, run.source
@@ -516,7 +531,7 @@ def announce(run: Run, n_params: int, memory: str | None) -> None:
                       f"({compute.threads_reason}); mixed precision {compute.mixed_precision} "
                       f"({compute.mixed_precision_reason}); attention {compute.attn_implementation} "
                       f"({compute.attn_reason}); {args.dataloader_num_workers} data-loader worker(s)"
-                      + (f"; {memory}" if memory else ""))
+                      + compile_note(accelerator, args) + (f"; {memory}" if memory else ""))
     if accelerator.device.type == "cpu" and accelerator.is_main_process:
         for warning in cpu_slow_paths(compute.mixed_precision, compute.attn_implementation, compute.threads):
             accelerator.print(f"compute: WARNING: {warning}")

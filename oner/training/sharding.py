@@ -43,6 +43,9 @@ from torch import nn
 
 # Training-side modules of the pretrainers that are not part of the saved model.
 MODEL_PREFIX = "model."
+# What `torch.compile` puts in the state-dict keys of a module it wrapped: at the front when accelerate's
+# `dynamo_backend` compiles the whole pretrainer, in the middle for its regional compilation (each layer).
+COMPILED_MODULE_KEY = "_orig_mod."
 
 
 def engine(accelerator) -> str:
@@ -100,6 +103,7 @@ def gathered_model_state_dict(accelerator, pretrainer) -> dict[str, torch.Tensor
     state_dict = accelerator.get_state_dict(pretrainer)
     if not accelerator.is_main_process:
         return None
+    state_dict = {k.replace(COMPILED_MODULE_KEY, ""): v for k, v in state_dict.items()}
     model_state = {k[len(MODEL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(MODEL_PREFIX)}
     if not model_state:
         raise RuntimeError(f"accelerator.get_state_dict gave no '{MODEL_PREFIX}*' weights on the main process "
