@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY
+from conftest import TINY, reset_accelerate
 
 OVERRIDES = ",".join(f"{k}={v}" for k, v in TINY.items())
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +111,7 @@ def test_flags_override_the_config_file(tmp_path):
     (["--eval_steps", "0"], "--eval_steps must be >= 1"),
     (["--eval_strategy", "epoch", "--eval_steps", "5"], "needs --eval_strategy steps"),
     (["--eval_steps", "5", "--eval_suites", "retrieval_openmoji,nope"], "unknown suite 'nope'"),
+    (["--torch_compile", "--torch_compile_backend", "nope"], "--torch_compile_backend 'nope': expected one of"),
 ])
 def test_bad_flags_exit_with_one_message(capsys, monkeypatch, argv, message):
     from oner.training import parse_args
@@ -312,7 +313,6 @@ def test_a_relaunch_continues_from_the_latest_checkpoint(pairs_dir, tmp_path, mo
     --overwrite_output_dir starts over; other settings are refused, and nothing is deleted."""
     from safetensors.torch import load_file
 
-    from conftest import reset_accelerate
     from oner.training import main
 
     # 6 batches per epoch: the crash at step 5 resumes from checkpoint-3, mid-epoch, and crosses an epoch.
@@ -482,6 +482,32 @@ def test_oner_run_writes_the_folder(pairs_dir, tmp_path, monkeypatch, capsys):
         assert (out / name).is_file(), name
     model = AutoModel.from_pretrained(out, trust_remote_code=True)
     assert 0 <= model.logit_scale.item() <= 4.6052
+
+
+@pytest.mark.parametrize("how", ["--torch_compile", "accelerate's dynamo setting"])
+def test_a_compiled_run_saves_the_plain_model(pairs_dir, tmp_path, monkeypatch, capsys, how):
+    """torch.compile wraps the pretrainer (its state-dict keys gain `_orig_mod.`); the folder holds the
+    plain model, every weight under its own name. The `eager` backend traces without generating code."""
+    from transformers import AutoModel
+
+    from oner.training import main
+
+    flags = ["--torch_compile", "--torch_compile_backend", "eager"] if how == "--torch_compile" else []
+    if how != "--torch_compile":
+        monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "eager")  # what `accelerate launch --dynamo_backend` sets
+    out = tmp_path / "compiled"
+    assert main(tiny_args(pairs_dir, out, "--max_steps", "2", "--checkpointing_steps", "2", *flags)) == 0
+    printed = capsys.readouterr().out
+    kind = "regional: one transformer layer compiled" if flags else "the whole training pass"
+    assert f"torch.compile eager ({kind}" in printed and f"; {how};" in printed
+    model, info = AutoModel.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weight
+
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)  # its checkpoint resumes without compiling
+    reset_accelerate()  # a relaunch is a new process: no accelerator state (and its dynamo plugin) carried over
+    assert main(tiny_args(pairs_dir, out, "--max_steps", "3", "--checkpointing_steps", "0")) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "torch.compile" not in printed
 
 
 # --------------------------------------------------------------------------- the time budget
