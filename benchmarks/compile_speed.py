@@ -53,10 +53,12 @@ def run_once(variant: str, args) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"{variant}: train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+        batch = json.loads((out / "training_summary.json").read_text())["global_batch_size"]
     logged = [r for r in log if "elapsed_s" in r]
     first, last = logged[0], logged[-1]
-    steady = (last["step"] - first["step"]) * args.batch / (last["elapsed_s"] - first["elapsed_s"])
-    return {"variant": variant, "steps": last["step"], "threads": args.threads, "train_args": args.train_args,
+    steady = (last["step"] - first["step"]) * batch / (last["elapsed_s"] - first["elapsed_s"])
+    return {"variant": variant, "steps": last["step"], "batch": batch, "threads": args.threads,
+            "train_args": args.train_args,
             "startup_s": first["elapsed_s"], "first_logged_step": first["step"], "steady_pairs_per_s": steady,
             "train_s": last["elapsed_s"], "wall_s": wall, "final_loss": last["loss"],
             "loadavg_start": load_start, "loadavg_end": loadavg(), "machine": machine()}
@@ -76,7 +78,7 @@ def summarise(rows: list[dict], out: Path) -> None:
         if eager and name != "eager":
             eager_speed = median(r["steady_pairs_per_s"] for r in eager)
             eager_startup = median(r["startup_s"] for r in eager)
-            batch = rs[0].get("batch", 128)
+            batch = rs[0]["batch"]
             saved_per_step = batch / eager_speed - batch / speed
             even = f"{(startup - eager_startup) / saved_per_step:.0f}" if saved_per_step > 0 else "never"
         lines.append(f"| {name} | {len(rs)} | {rs[0]['steps']} | {startup:.1f} | {speed:.0f} | "
@@ -95,7 +97,6 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--batch", type=int, default=128, help="train.py's global batch (for pairs/s)")
     p.add_argument("--train-args", default="", help="more train.py flags, one string")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -103,7 +104,7 @@ def main(argv=None) -> None:
     runs_file = args.out / "compile_speed_runs.jsonl"
     for round_ in range(args.rounds):
         for variant in args.variants:
-            row = {**run_once(variant, args), "round": round_, "batch": args.batch}
+            row = {**run_once(variant, args), "round": round_}
             print(json.dumps(row), flush=True)
             with runs_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")

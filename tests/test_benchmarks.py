@@ -129,6 +129,17 @@ def test_loop_speed_quick(tmp_path, small_embedded):
     assert "loop / bare step" in md and "page faults" in md and "| phase: backward |" in md and "**bf16**" in md and "**no**" in md
 
 
+def test_compile_speed_runs_train_py_both_ways(tmp_path, small_embedded):
+    train_args = (f"--config_overrides {QUICK_OVERRIDES} --per_device_batch_size 8 --logging_steps 1 "
+                  "--torch_compile_backend eager")  # eager: dynamo traces, no code is generated
+    _run(["benchmarks/compile_speed.py", "--variants", "eager", "regional", "--rounds", "1", "--steps", "3",
+          "--train-args", train_args, "--out", str(tmp_path)], env={"ONER_DATA_HOME": str(small_embedded)})
+    rows = [json.loads(line) for line in (tmp_path / "compile_speed_runs.jsonl").read_text().splitlines()]
+    assert [(r["variant"], r["steps"], r["batch"]) for r in rows] == [("eager", 3, 8), ("regional", 3, 8)]
+    assert all(r["steady_pairs_per_s"] > 0 and r["startup_s"] > 0 for r in rows)
+    assert "| regional | 1 | 3 |" in (tmp_path / "compile_speed.md").read_text()
+
+
 def test_loader_speed_quick(tmp_path, small_embedded):
     _run(["benchmarks/loader_speed.py", "--quick", "--out", str(tmp_path)], env={"ONER_DATA_HOME": str(small_embedded)})
     data = json.loads((tmp_path / "loader_speed.json").read_text())
