@@ -140,6 +140,32 @@ def test_compile_speed_runs_train_py_both_ways(tmp_path, small_embedded):
     assert "| regional | 1 | 3 |" in (tmp_path / "compile_speed.md").read_text()
 
 
+def test_joint_ceiling_measures_every_query(tmp_path, small_embedded, tiny_model_dir):
+    _run(["benchmarks/joint_ceiling.py", "--model", str(tiny_model_dir), "--sizes", "32", "--max-items", "6",
+          "--data-home", str(small_embedded), "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "joint_ceiling.json").read_text())
+    assert data["n_queries"] >= 6 and len(data["R@1"]) == 10
+    assert all(0.0 <= v <= 1.0 for v in data["R@1"].values())
+    assert "| name + 0.5 x the crop as seen in a 32 px composite |" in (tmp_path / "joint_ceiling.md").read_text()
+
+
+def test_joint_ceiling_pointing_pool_and_resolution(monkeypatch):
+    from PIL import Image
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from joint_ceiling import at_resolution, pointed_patches
+
+    patches = torch.eye(3)[None].repeat(2, 1, 1)  # 3 orthogonal unit patches
+    texts = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    torch.testing.assert_close(pointed_patches(patches, texts, temperature=1e-3), texts)  # a sharp map: the pointed patch
+    even = pointed_patches(patches, texts, temperature=1e6)  # a flat map: the mean of the patches
+    torch.testing.assert_close(even, torch.full((2, 3), 3 ** -0.5))
+    stripes = Image.frombytes("L", (8, 8), bytes([0, 255] * 32))
+    assert at_resolution(stripes, 128).tobytes() == stripes.tobytes()  # full resolution keeps every pixel
+    blurred = at_resolution(stripes, 32).tobytes()  # a quarter of the resolution cannot hold 1 px stripes
+    assert max(blurred) - min(blurred) < 128
+
+
 def test_loader_speed_quick(tmp_path, small_embedded):
     _run(["benchmarks/loader_speed.py", "--quick", "--out", str(tmp_path)], env={"ONER_DATA_HOME": str(small_embedded)})
     data = json.loads((tmp_path / "loader_speed.json").read_text())
