@@ -658,7 +658,7 @@ def test_tensor_backend_streams(tmp_path, tiny_processor):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--randconv_probability", "0.5"], "add --augment_backend tensor"),
+    (["--augment_backend", "pil", "--randconv_probability", "0.5"], "add --augment_backend tensor"),
     (["--augment_backend", "tensor", "--greyscale_probability", "2"], "--greyscale_probability must be a probability"),
     (["--augment_backend", "tensor", "--hue_jitter", "0.8"], "--hue_jitter must be in"),
     (["--color_jitter", "1"], "--color_jitter must be in"),

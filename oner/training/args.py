@@ -130,10 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "skin-tone variants are half its rows but 5 recolourings of ~400 concepts)")
     _flag(g, "--image_augment", True, "random resized crop, flip where meaning allows, colour jitter, blur")
     _flag(g, "--text_augment", True, "pick one of a pair's captions and whole-word-mask it (see --caption_mask_probability)")
-    g.add_argument("--augment_backend", default="pil", choices=("pil", "tensor"),
-                   help="pil: each image augmented with PIL as it is loaded; tensor: images cached as uint8 tensors and "
-                   "each batch cropped, flipped, jittered and normalised at once (the same draws; needed by the style "
-                   "augmentations below)")
+    g.add_argument("--augment_backend", default="tensor", choices=("pil", "tensor"),
+                   help="tensor: images cached as uint8 tensors and each batch cropped, flipped, jittered and normalised "
+                   "at once (needed by the style augmentations below); pil: each image augmented with PIL as it is "
+                   "loaded (the same draws; the same model within seed noise, docs/data.md)")
     g.add_argument("--color_jitter", type=float, default=0.2,
                    help="brightness, contrast and saturation factors drawn from [1 - x, 1 + x] (--image_augment)")
     g.add_argument("--hue_jitter", type=float, default=0.0,

@@ -213,7 +213,7 @@ def open_train_data(args, seed: int, image_size: int, rank: int = 0, world_size:
         else None
     )
     tensor_augment = None
-    if getattr(args, "augment_backend", "pil") == "tensor":
+    if getattr(args, "augment_backend", "tensor") == "tensor":
         tensor_augment = TensorAugment(image_size, image_augment, style_augment(args))
         image_augment = None  # its draws live on in tensor_augment
     if isinstance(source, torch.utils.data.IterableDataset):
