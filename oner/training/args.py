@@ -23,7 +23,7 @@ ARCHITECTURES = ("oner", "clip")
 PRESETS = ("tiny", "small", "base-patch16-224")
 MIXED_PRECISION = ("no", "fp32", "bf16", "fp16")
 # The embedded default trains a fixed number of steps, not a time budget, so that the same command
-# gives the same model on every CPU: 14.9 minutes on 2 cores of an AMD EPYC with AVX-512 BF16,
+# gives the same model on every CPU: 13.5 minutes on 2 cores of an AMD EPYC with AVX-512 BF16,
 # longer without native bf16 (docs/training.md).
 DEFAULT_MAX_STEPS = 2600
 EVAL_STRATEGIES = ("no", "steps", "epoch")
