@@ -252,7 +252,7 @@ def _stream(folder, buffer_size=50, workers_seed=0):
     args = SimpleNamespace(train_data=str(folder), image_column=None, text_column=None, streaming=None,
                            dataset_config_name=None, dataset_revision=None, image_augment=True, text_augment=True,
                            caption_mask_probability=0.3, train_filter=None, max_train_samples=None,
-                           shuffle_buffer=buffer_size)
+                           shuffle_buffer=buffer_size, augment_backend="pil")  # PIL samples: an "image" each
     return open_train_data(args, seed=workers_seed, image_size=16)
 
 
