@@ -56,6 +56,8 @@ def run_once(variant: str, args) -> dict:
         batch = json.loads((out / "training_summary.json").read_text())["global_batch_size"]
     logged = [r for r in log if "elapsed_s" in r]
     first, last = logged[0], logged[-1]
+    if last["elapsed_s"] <= first["elapsed_s"]:  # the log keeps tenths of a second
+        raise SystemExit(f"{variant}: steps {first['step']}-{last['step']} took under 0.1 s; give more --steps")
     steady = (last["step"] - first["step"]) * batch / (last["elapsed_s"] - first["elapsed_s"])
     return {"variant": variant, "steps": last["step"], "batch": batch, "threads": args.threads,
             "train_args": args.train_args,

@@ -132,12 +132,13 @@ def test_loop_speed_quick(tmp_path, small_embedded):
 def test_compile_speed_runs_train_py_both_ways(tmp_path, small_embedded):
     train_args = (f"--config_overrides {QUICK_OVERRIDES} --per_device_batch_size 8 --logging_steps 1 "
                   "--torch_compile_backend eager")  # eager: dynamo traces, no code is generated
-    _run(["benchmarks/compile_speed.py", "--variants", "eager", "regional", "--rounds", "1", "--steps", "3",
+    # 40 steps: the training log keeps tenths of a second, and a micro step takes milliseconds
+    _run(["benchmarks/compile_speed.py", "--variants", "eager", "regional", "--rounds", "1", "--steps", "40",
           "--train-args", train_args, "--out", str(tmp_path)], env={"ONER_DATA_HOME": str(small_embedded)})
     rows = [json.loads(line) for line in (tmp_path / "compile_speed_runs.jsonl").read_text().splitlines()]
-    assert [(r["variant"], r["steps"], r["batch"]) for r in rows] == [("eager", 3, 8), ("regional", 3, 8)]
-    assert all(r["steady_pairs_per_s"] > 0 and r["startup_s"] > 0 for r in rows)
-    assert "| regional | 1 | 3 |" in (tmp_path / "compile_speed.md").read_text()
+    assert [(r["variant"], r["steps"], r["batch"]) for r in rows] == [("eager", 40, 8), ("regional", 40, 8)]
+    assert all(r["steady_pairs_per_s"] > 0 and r["startup_s"] >= 0 for r in rows)
+    assert "| regional | 1 | 40 |" in (tmp_path / "compile_speed.md").read_text()
 
 
 def test_joint_ceiling_measures_every_query(tmp_path, small_embedded, tiny_model_dir):
